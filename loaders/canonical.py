@@ -1,0 +1,333 @@
+"""The one canonical form: native Wan keys, ComfyUI's per-layer quantized representation.
+
+``load_canonical(path)`` runs container → prefix strip → key map → per-layer detection and
+returns a :class:`CanonicalModel`: an ordered map of key → :class:`Entry` (shape, dtype and a
+loader; nothing is read until asked) plus a :class:`Report`. The CLI writes it, the ComfyUI bridge
+hands it to ComfyUI, the LoRA code reads from it.
+
+fp8 payloads are passed through bit for bit; scales are only re-typed to fp32 scalars (exact for
+bf16/fp16 sources); FP4 group-32 nibbles are normalised to high-nibble-first (a lossless swap).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import WanquantError
+from . import keymap
+from .containers import Source, TensorRef, open_source
+from .detect import MARKER_KEY, Detection, Layer, _header_quant_layers, detect_layers
+from .family import Family, recognise
+
+log = logging.getLogger(__name__)
+
+NIBBLE_ORDERS = ("low_first", "high_first")
+
+
+@dataclass
+class Entry:
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor] = field(repr=False)
+    layer: str | None = None  # owning quantized/plain module, for overlay and reports
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class Report:
+    """Everything ``inspect`` prints and the loader node shows."""
+
+    path: str
+    container: str
+    key_style: str = "native"
+    prefix: str = ""
+    family: str = "wan"
+    variant: str = ""
+    formats: Counter = field(default_factory=Counter)  # format → number of weight-bearing layers
+    format_bytes: Counter = field(default_factory=Counter)
+    spellings: Counter = field(default_factory=Counter)
+    scale_dtypes: Counter = field(default_factory=Counter)
+    extras: dict[str, list[str]] = field(default_factory=dict)
+    unrecognised: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    needs_base: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    remapped: int = 0
+    nibble_order: str | None = None
+    notes: list[str] = field(default_factory=list)
+    total_bytes: int = 0
+    base: "Report | None" = None
+
+    def verdict(self) -> str:
+        if self.errors:
+            return f"NOT LOADABLE: {len(self.errors)} layer(s) are broken; first: {self.errors[0]}"
+        if self.family != "wan":
+            return "formats understood; not a Wan DiT, so it converts but does not run as a Wan model in ComfyUI"
+        if self.missing:
+            return (f"partial checkpoint ({self.variant}): needs its base model ({self.needs_base}) overlaid "
+                    f"underneath to run")
+        q = {f: n for f, n in self.formats.items() if f not in ("bf16", "fp16", "fp32")}
+        qtxt = ", ".join(f"{n} {f}" for f, n in sorted(q.items())) or "no quantized layers"
+        return f"loadable: {self.variant}, {self.key_style} keys, {qtxt}"
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path, "container": self.container, "key_style": self.key_style, "prefix": self.prefix,
+            "family": self.family, "variant": self.variant, "formats": dict(self.formats),
+            "format_bytes": dict(self.format_bytes), "spellings": dict(self.spellings),
+            "scale_dtypes": dict(self.scale_dtypes), "extras": {k: len(v) for k, v in self.extras.items()},
+            "extra_modules": self.extras, "unrecognised": self.unrecognised, "missing": self.missing,
+            "needs_base": self.needs_base, "warnings": self.warnings, "errors": self.errors,
+            "remapped_keys": self.remapped, "nibble_order": self.nibble_order, "notes": self.notes,
+            "total_bytes": self.total_bytes, "verdict": self.verdict(),
+            **({"base": self.base.to_json()} if self.base else {}),
+        }
+
+
+@dataclass
+class CanonicalModel:
+    entries: dict[str, Entry]
+    layers: dict[str, Layer]  # canonical module name → detected layer
+    report: Report
+    source: Source | None = None
+    metadata: dict[str, str] = field(default_factory=dict)  # e.g. {"config": ...} for ComfyUI
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: e.shape for k, e in self.entries.items()}
+
+    def state_dict(self, progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+        """Materialise every entry (quantized stays quantized: this is the size on disk)."""
+        out = {}
+        n = len(self.entries)
+        for i, (k, e) in enumerate(self.entries.items()):
+            out[k] = e.load()
+            if progress:
+                progress(i + 1, n)
+        return out
+
+
+def swap_nibbles(u8: torch.Tensor) -> torch.Tensor:
+    """Swap the two 4-bit halves of every byte (low-first ↔ high-first packing), losslessly."""
+    return ((u8 & 0x0F) << 4) | (u8 >> 4)
+
+
+def comfy_quant_tensor(conf: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(conf).encode("utf-8")), dtype=torch.uint8)
+
+
+def _nibble_order(src: Source, override: str | None) -> tuple[str, str]:
+    """(order, where it came from): explicit override > quantize_config.json > documented default."""
+    if override and override != "auto":
+        if override not in NIBBLE_ORDERS:
+            raise WanquantError("unknown FP4 nibble order", expected=" / ".join(NIBBLE_ORDERS), found=override)
+        return override, "override"
+    qc = src.side_files.get("quantize_config.json")
+    if isinstance(qc, dict):
+        for key in ("packing", "nibble_order", "pack_order"):
+            val = str(qc.get(key, "")).lower()
+            if val:
+                if "high" in val or "hi_" in val:
+                    return "high_first", "quantize_config.json"
+                if "low" in val or "lo_" in val:
+                    return "low_first", "quantize_config.json"
+    return "low_first", "default (compressed-tensors convention; override with nibble_order)"
+
+
+def _map_keys(keys, style: str, file: str) -> tuple[dict[str, str], list[str]]:
+    """source key (prefix stripped) → canonical key; plus unrecognised keys kept as they are."""
+    mapping: dict[str, str] = {}
+    unrecognised: list[str] = []
+    for k in keys:
+        if k == MARKER_KEY or style == "native" or keymap.is_extra(k):
+            mapping[k] = k
+            continue
+        new, ok = keymap.map_diffusers_key(k)
+        if not ok:
+            unrecognised.append(k)
+        mapping[k] = new
+    seen: dict[str, str] = {}
+    for old, new in mapping.items():
+        if new in seen:
+            raise WanquantError("two source keys map to the same native key", file=file, layer=new,
+                                expected="one spelling per tensor", found=f"{seen[new]} and {old}")
+        seen[new] = old
+    return mapping, unrecognised
+
+
+def load_canonical(path, *, nibble_order: str | None = None, collect_errors: bool = False) -> CanonicalModel:
+    """Open any supported checkpoint and describe it in canonical form (lazily)."""
+    src = open_source(path)
+    return canonical_from_source(src, nibble_order=nibble_order, collect_errors=collect_errors)
+
+
+def canonical_from_source(src: Source, *, nibble_order: str | None = None,
+                          collect_errors: bool = False) -> CanonicalModel:
+    file = src.path
+    report = Report(path=file, container=src.container)
+    raw_keys = list(src.tensors)
+    prefix = keymap.detect_prefix([k for k in raw_keys if k != MARKER_KEY])
+    report.prefix = prefix
+    stripped = {keymap.strip_prefix(k, prefix): ref for k, ref in src.tensors.items()}
+    if len(stripped) != len(src.tensors):
+        raise WanquantError("keys collide after removing the prefix", file=file,
+                            expected=f"unique keys after stripping '{prefix}'")
+    style, _, _ = keymap.detect_style(stripped)
+    report.key_style = style
+    mapping, unrecognised = _map_keys(stripped, style, file)
+    report.unrecognised = unrecognised
+    report.remapped = sum(1 for o, n in mapping.items() if o != n)
+    if prefix:
+        report.notes.append(f"prefix '{prefix}' removed")
+    tensors = {mapping[k]: ref for k, ref in stripped.items()}
+
+    header_conf = {}
+    for layer, conf in _header_quant_layers(src.metadata, file).items():
+        lk = keymap.strip_prefix(layer, prefix)
+        lk = mapping.get(lk + ".weight", lk + ".weight")[: -len(".weight")]
+        header_conf[lk] = conf
+
+    order, order_src = _nibble_order(src, nibble_order)
+    det = detect_layers(tensors, file, header_conf=header_conf, nibble_order=order, collect_errors=collect_errors)
+    report.errors = [str(e) for e in det.errors]
+    if any(l.format == "fp4_g32" for l in det.layers.values()):
+        report.nibble_order = f"{order} ({order_src})"
+    if det.marker is not None:
+        kind = {0: "input scales present", 2: "fp8 matmul disabled by the producer"}.get(det.marker.numel, "")
+        report.notes.append(f"legacy 'scaled_fp8' marker found{': ' + kind if kind else ''} (dropped)")
+    quant = (src.index_metadata or {}).get("quantization")
+    if quant:
+        report.notes.append(f"index metadata: quantization = {quant}")
+
+    entries = _entries(det, order, report)
+    fam = recognise({k: e.shape for k, e in entries.items()})
+    _fill_family(report, fam)
+    if unrecognised:
+        report.warnings.append(f"{len(unrecognised)} keys have no native Wan name and are kept as they are "
+                               f"(first: {unrecognised[0]})")
+    report.total_bytes = sum(e.nbytes for e in entries.values())
+    return CanonicalModel(entries, det.layers, report, src)
+
+
+def _fill_family(report: Report, fam: Family) -> None:
+    report.family, report.variant = fam.family, fam.variant
+    report.extras, report.missing, report.needs_base = fam.extras, fam.missing, fam.needs_base
+    report.notes.extend(fam.notes)
+
+
+def _entries(det: Detection, order: str, report: Report) -> dict[str, Entry]:
+    entries: dict[str, Entry] = {}
+    for key, ref in det.plain.items():
+        entries[key] = Entry(key, ref.shape, ref.dtype, ref.load, None)
+    for name, layer in det.layers.items():
+        report.formats[layer.format] += 1
+        report.spellings[layer.spelling] += 1
+        for ref in layer.sides.values():
+            report.scale_dtypes[f"{layer.format}: {str(ref.dtype).replace('torch.', '')}"] += 1
+        for e in _layer_entries(layer, order):
+            entries[e.key] = e
+            report.format_bytes[layer.format] += e.nbytes
+        for suffix, ref in layer.others.items():
+            entries[f"{name}.{suffix}"] = Entry(f"{name}.{suffix}", ref.shape, ref.dtype, ref.load, name)
+    return entries
+
+
+def _scalar_fp32(ref: TensorRef) -> Callable[[], torch.Tensor]:
+    return lambda: ref.load().reshape(()).to(torch.float32)
+
+
+def _view(ref: TensorRef, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    return lambda: ref.load().view(dtype)
+
+
+def _layer_entries(layer: Layer, order: str) -> list[Entry]:
+    n = layer.name
+    w = layer.weight
+    if not layer.quantized:
+        return [Entry(f"{n}.weight", w.shape, w.dtype, w.load, n)]
+    out = []
+    conf = dict(layer.conf)
+    if layer.format in ("float8_e4m3fn", "float8_e5m2"):
+        out.append(Entry(f"{n}.weight", w.shape, w.dtype, w.load, n))
+        ws = layer.sides.get("weight_scale")
+        out.append(Entry(f"{n}.weight_scale", (), torch.float32,
+                         _scalar_fp32(ws) if ws is not None else (lambda: torch.tensor(1.0)), n))
+        inp = layer.sides.get("input_scale")
+        if inp is not None:
+            if inp.key.endswith(".scale_input") and float(inp.load().float().reshape(())) == 1.0:
+                pass  # legacy "no calibration" placeholder; ComfyUI drops it too
+            else:
+                out.append(Entry(f"{n}.input_scale", (), torch.float32, _scalar_fp32(inp), n))
+    elif layer.format == "nvfp4":
+        out.append(Entry(f"{n}.weight", w.shape, torch.uint8, w.load, n))
+        ws = layer.sides["weight_scale"]
+        out.append(Entry(f"{n}.weight_scale", ws.shape, torch.float8_e4m3fn, _view(ws, torch.float8_e4m3fn), n))
+        out.append(Entry(f"{n}.weight_scale_2", (), torch.float32, _scalar_fp32(layer.sides["weight_scale_2"]), n))
+        if "input_scale" in layer.sides:
+            out.append(Entry(f"{n}.input_scale", (), torch.float32, _scalar_fp32(layer.sides["input_scale"]), n))
+    elif layer.format == "mxfp8":
+        out.append(Entry(f"{n}.weight", w.shape, w.dtype, w.load, n))
+        ws = layer.sides["weight_scale"]
+        out.append(Entry(f"{n}.weight_scale", ws.shape, torch.uint8, _view(ws, torch.uint8), n))
+    elif layer.format == "fp4_g32":
+        load_w = w.load if order == "high_first" else (lambda w=w: swap_nibbles(w.load()))
+        out.append(Entry(f"{n}.weight", w.shape, torch.uint8, load_w, n))
+        ws = layer.sides["weight_scale"]
+        out.append(Entry(f"{n}.weight_scale", ws.shape, torch.float32, lambda ws=ws: ws.load().to(torch.float32), n))
+    else:  # pragma: no cover - detect.py only produces the formats above
+        raise WanquantError("no canonical form for format", layer=n, found=layer.format)
+    out.append(Entry(f"{n}.comfy_quant", (len(json.dumps(conf).encode()),), torch.uint8,
+                     lambda conf=conf: comfy_quant_tensor(conf), n))
+    return out
+
+
+def overlay(finetune: CanonicalModel, base: CanonicalModel) -> CanonicalModel:
+    """Put a partial finetune on top of its base: the finetune wins per *layer*.
+
+    A layer replaced by the finetune drops all of the base's tensors for that layer (its scales
+    and comfy_quant too), since the two files may store it in different formats.
+    """
+    replaced_layers = {e.layer for e in finetune.entries.values() if e.layer} | set(finetune.layers)
+    entries = {}
+    for k, e in base.entries.items():
+        if k in finetune.entries or (e.layer and e.layer in replaced_layers):
+            continue
+        entries[k] = e
+    entries.update(finetune.entries)
+    layers = {**{k: v for k, v in base.layers.items() if k not in replaced_layers}, **finetune.layers}
+    fr = finetune.report
+    report = Report(path=fr.path, container=fr.container, key_style=fr.key_style, prefix=fr.prefix)
+    for r in (base.report, fr):
+        report.warnings += r.warnings
+        report.errors += r.errors
+        report.unrecognised += r.unrecognised
+    report.formats = Counter(l.format for l in layers.values())
+    report.spellings = Counter(l.spelling for l in layers.values())
+    report.scale_dtypes = base.report.scale_dtypes + fr.scale_dtypes
+    report.format_bytes = Counter()
+    for e in entries.values():
+        if e.layer and e.layer in layers:
+            report.format_bytes[layers[e.layer].format] += e.nbytes
+    report.nibble_order = fr.nibble_order or base.report.nibble_order
+    report.remapped = fr.remapped + base.report.remapped
+    report.base = base.report
+    n_over = len([k for k in finetune.entries if k in base.entries])
+    report.notes = list(fr.notes) + [f"overlaid on base {base.report.path}: {n_over} base tensors replaced, "
+                                     f"{len(replaced_layers)} finetune layers"]
+    fam = recognise({k: e.shape for k, e in entries.items()})
+    _fill_family(report, fam)
+    report.total_bytes = sum(e.nbytes for e in entries.values())
+    return CanonicalModel(entries, layers, report, finetune.source)

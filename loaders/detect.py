@@ -1,0 +1,335 @@
+"""Per-layer format detection: which of the on-disk spellings each layer uses.
+
+A layer's format is decided by the tensors beside its weight (dtype and shape), never by the
+file name and never by a file-wide guess: the NVFP4 seed mixes nvfp4, mxfp8 and bf16 layers in
+one file, and WorldStereo keeps some Linears in bf16 next to fp8 ones.
+
+Input: native-style keys (prefix already stripped, diffusers already mapped) → :class:`TensorRef`.
+Output: one :class:`Layer` per weight-bearing module (plus plain tensors as their own entries),
+or a :class:`WanquantError` naming the layer and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import WanquantError
+from .containers import TensorRef
+
+FP8_DTYPES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
+PLAIN_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+COMFY_FORMATS = ("float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8")
+
+# Side keys, longest first so '.weight.scale_weight' is not read as '.scale_weight'.
+SIDE_SUFFIXES = (
+    (".weight.scale_weight", "scale_weight_w"),
+    (".weight.__fp8_scale", "fp8_scale_magi"),
+    (".weight_scale_2", "weight_scale_2"),
+    (".weight_scale", "weight_scale"),
+    (".input_scale", "input_scale"),
+    (".scale_weight", "scale_weight"),
+    (".scale_input", "scale_input"),
+    (".comfy_quant", "comfy_quant"),
+    (".weight_packed", "weight_packed"),
+)
+MARKER_KEY = "scaled_fp8"
+
+
+@dataclass
+class Layer:
+    """One module's tensors and how they are spelled on disk."""
+
+    name: str
+    format: str  # canonical format name: bf16/fp16/fp32/float8_e4m3fn/float8_e5m2/nvfp4/mxfp8/fp4_g32
+    spelling: str  # how the source spelled it (for the report)
+    weight: TensorRef | None
+    sides: dict[str, TensorRef] = field(default_factory=dict)  # role → ref
+    conf: dict = field(default_factory=dict)  # comfy_quant JSON for quantized layers
+    others: dict[str, TensorRef] = field(default_factory=dict)  # bias etc. (suffix → ref)
+
+    @property
+    def quantized(self) -> bool:
+        return self.format not in PLAIN_DTYPES.values()
+
+    def source_keys(self) -> list[str]:
+        keys = [self.weight.key] if self.weight else []
+        keys += [r.key for r in self.sides.values()] + [r.key for r in self.others.values()]
+        return keys
+
+
+@dataclass
+class Detection:
+    layers: dict[str, Layer]  # weight-bearing modules, keyed by module name
+    plain: dict[str, TensorRef]  # tensors that are not part of a weight-bearing module
+    marker: TensorRef | None = None
+    errors: list[WanquantError] = field(default_factory=list)
+
+
+def _split(key: str) -> tuple[str, str]:
+    """(module, role) for side keys, (module, 'weight'|'bias'|...) for params."""
+    for suffix, role in SIDE_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    if "." in key:
+        module, param = key.rsplit(".", 1)
+        return module, param
+    return "", key
+
+
+def check_scalar_scale(ref: TensorRef, file: str, layer: str, what: str = "scale") -> torch.Tensor:
+    """Load a per-tensor scale and insist it is one finite positive number."""
+    if ref.numel != 1 or len(ref.shape) > 1:
+        raise WanquantError(f"{what} must be a per-tensor scalar", file=file, layer=layer,
+                            expected="shape [] or [1]", found=f"shape {list(ref.shape)} ({ref.key})")
+    if ref.dtype not in FLOAT_DTYPES:
+        raise WanquantError(f"{what} has a non-float dtype", file=file, layer=layer,
+                            expected="bf16/fp16/fp32 scalar", found=str(ref.dtype))
+    value = ref.load().reshape(())
+    v = float(value.float())
+    if not math.isfinite(v) or v <= 0:
+        raise WanquantError(f"invalid {what} (would give zero, negative, NaN or Inf weights)", file=file,
+                            layer=layer, expected="a finite positive number", found=f"{v} ({ref.key})")
+    return value
+
+
+def _comfy_quant_conf(ref: TensorRef, file: str, layer: str) -> dict:
+    try:
+        conf = json.loads(ref.load().numpy().tobytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WanquantError("comfy_quant is not UTF-8 JSON", file=file, layer=layer, found=str(exc)) from exc
+    if not isinstance(conf, dict) or "format" not in conf:
+        raise WanquantError("comfy_quant JSON has no 'format'", file=file, layer=layer, found=repr(conf)[:200])
+    return conf
+
+
+def _header_quant_layers(metadata: dict[str, str], file: str) -> dict[str, dict]:
+    raw = metadata.get("_quantization_metadata")
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+        layers = meta.get("layers", {})
+        assert isinstance(layers, dict)
+        return {str(k): dict(v) for k, v in layers.items()}
+    except (ValueError, AssertionError, TypeError, AttributeError) as exc:
+        raise WanquantError("header _quantization_metadata is malformed", file=file,
+                            expected='{"layers": {layer: {"format": ...}}}', found=raw[:200]) from exc
+
+
+def detect_layers(tensors: dict[str, TensorRef], file: str, *, header_conf: dict[str, dict] | None = None,
+                  nibble_order: str = "low_first", collect_errors: bool = False) -> Detection:
+    """Group keys into modules and decide each module's format.
+
+    ``header_conf`` is the per-layer ``_quantization_metadata`` (already in the same key space).
+    With ``collect_errors`` every bad layer is recorded and skipped (``inspect``); otherwise the
+    first one raises (``convert``, the loader).
+    """
+    header_conf = header_conf or {}
+    groups: dict[str, dict[str, TensorRef]] = {}
+    marker = tensors.get(MARKER_KEY)
+    for key, ref in tensors.items():
+        if key == MARKER_KEY:
+            continue
+        module, role = _split(key)
+        groups.setdefault(module, {})[role] = ref
+
+    det = Detection({}, {}, marker)
+    marker_two = marker is not None and marker.numel == 2
+    for module, roles in groups.items():
+        has_payload = "weight" in roles or "weight_packed" in roles
+        side_roles = [r for _, r in SIDE_SUFFIXES if r in roles and r != "weight_packed"]
+        if not has_payload and not side_roles and module not in header_conf:
+            for role, ref in roles.items():
+                det.plain[f"{module}.{role}" if module else role] = ref
+            continue
+        try:
+            det.layers[module] = _classify(module, roles, file, header_conf.get(module), marker_two, nibble_order)
+        except WanquantError as err:
+            if not collect_errors:
+                raise
+            det.errors.append(err)
+    return det
+
+
+def _classify(module: str, roles: dict[str, TensorRef], file: str, header_conf: dict | None,
+              marker_two: bool, nibble_order: str) -> Layer:
+    sides = {r: roles[r] for _, r in SIDE_SUFFIXES if r in roles and r != "weight_packed"}
+    others = {r: ref for r, ref in roles.items() if r not in sides and r not in ("weight", "weight_packed")}
+    if "weight" in roles and "weight_packed" in roles:
+        raise WanquantError("two payload spellings for one layer", file=file, layer=module,
+                            expected="either .weight or .weight_packed", found="both")
+    weight = roles.get("weight") or roles.get("weight_packed")
+    if weight is None:
+        found = ", ".join(r.key for r in sides.values())
+        raise WanquantError("quantization scale without a weight (orphan scale)", file=file, layer=module,
+                            expected=f"{module}.weight next to it", found=found)
+
+    conf = None
+    if "comfy_quant" in sides:
+        conf = _comfy_quant_conf(sides.pop("comfy_quant"), file, module)
+    elif header_conf:
+        conf = dict(header_conf)
+    if conf is not None:
+        return _classify_comfy(module, weight, sides, others, conf, file)
+
+    if weight.dtype in FP8_DTYPES:
+        return _classify_fp8(module, weight, sides, others, file, marker_two)
+    if weight.dtype == torch.uint8:
+        return _classify_uint8(module, weight, sides, others, file, nibble_order)
+    if weight.dtype in PLAIN_DTYPES:
+        if sides:
+            raise WanquantError("quantization scale next to a high-precision weight", file=file, layer=module,
+                                expected="an fp8/uint8 weight for a scaled layer",
+                                found=f"{weight.dtype} weight with {', '.join(r.key for r in sides.values())}")
+        return Layer(module, PLAIN_DTYPES[weight.dtype], PLAIN_DTYPES[weight.dtype], weight, {}, {}, others)
+    raise WanquantError("unknown weight format", file=file, layer=module,
+                        expected="bf16/fp16/fp32, fp8 (e4m3/e5m2) or uint8-packed FP4",
+                        found=f"{weight.dtype} {list(weight.shape)}")
+
+
+def _one_scale(module: str, sides: dict[str, TensorRef], file: str) -> tuple[str, TensorRef] | None:
+    spellings = [r for r in ("scale_weight", "scale_weight_w", "weight_scale", "fp8_scale_magi") if r in sides]
+    if len(spellings) > 1:
+        raise WanquantError("conflicting scale spellings for one layer", file=file, layer=module,
+                            expected="exactly one weight scale",
+                            found=", ".join(sides[r].key for r in spellings))
+    return (spellings[0], sides[spellings[0]]) if spellings else None
+
+
+SPELLING_NAMES = {
+    "scale_weight": "scale_weight (kijai/legacy scaled_fp8)",
+    "scale_weight_w": "weight.scale_weight (sibling scale, Vista4D)",
+    "weight_scale": "weight_scale without comfy_quant",
+    "fp8_scale_magi": "__fp8_scale (MagiHuman)",
+}
+
+
+def _classify_fp8(module, weight, sides, others, file, marker_two) -> Layer:
+    fmt = FP8_DTYPES[weight.dtype]
+    if len(weight.shape) < 2:
+        raise WanquantError("fp8 tensor is not a matrix", file=file, layer=module,
+                            expected="rank >= 2 fp8 weight", found=f"shape {list(weight.shape)}")
+    scale = _one_scale(module, sides, file)
+    unknown = set(sides) - {"scale_weight", "scale_weight_w", "weight_scale", "fp8_scale_magi",
+                            "scale_input", "input_scale"}
+    if unknown:
+        raise WanquantError("unexpected side tensor on an fp8 layer", file=file, layer=module,
+                            expected="a per-tensor scale (+ input scale)",
+                            found=", ".join(sides[r].key for r in sorted(unknown)))
+    if "scale_input" in sides and "input_scale" in sides:
+        raise WanquantError("conflicting input scale spellings for one layer", file=file, layer=module,
+                            expected="one of scale_input / input_scale",
+                            found=f"{sides['scale_input'].key}, {sides['input_scale'].key}")
+    new_sides = {}
+    if scale is not None:
+        check_scalar_scale(scale[1], file, module, "weight scale")
+        new_sides["weight_scale"] = scale[1]
+        spelling = SPELLING_NAMES[scale[0]]
+    else:
+        spelling = "unscaled fp8 (scale 1)"
+    inp = sides.get("input_scale") or sides.get("scale_input")
+    if inp is not None:
+        check_scalar_scale(inp, file, module, "input scale")
+        new_sides["input_scale"] = inp
+    conf = {"format": fmt}
+    if marker_two:
+        conf["full_precision_matrix_mult"] = True
+    return Layer(module, fmt, spelling, weight, new_sides, conf, others)
+
+
+def _classify_uint8(module, weight, sides, others, file, nibble_order) -> Layer:
+    ws = sides.get("weight_scale")
+    if ws is None:
+        raise WanquantError("packed uint8 weight without a weight_scale", file=file, layer=module,
+                            expected="FP4 group-32: uint8 [out, in/2] + float weight_scale [out, in/32]",
+                            found=f"uint8 {list(weight.shape)} and no scale")
+    if ws.dtype == torch.float8_e4m3fn and "weight_scale_2" in sides:
+        conf = {"format": "nvfp4"}
+        return _classify_comfy(module, weight, sides, others, conf, file, spelling="nvfp4 without comfy_quant")
+    if ws.dtype not in FLOAT_DTYPES:
+        raise WanquantError("packed uint8 weight with a non-float scale", file=file, layer=module,
+                            expected="float weight_scale (FP4 group-32) or fp8 block scales + weight_scale_2 (NVFP4)",
+                            found=str(ws.dtype))
+    extra = set(sides) - {"weight_scale"}
+    if extra:
+        raise WanquantError("unexpected side tensor on an FP4 group-32 layer", file=file, layer=module,
+                            expected="weight + weight_scale", found=", ".join(sides[r].key for r in sorted(extra)))
+    if len(weight.shape) != 2 or len(ws.shape) != 2:
+        raise WanquantError("FP4 group-32 tensors must be matrices", file=file, layer=module,
+                            expected="uint8 [out, in/2] and scale [out, in/32]",
+                            found=f"{list(weight.shape)} and {list(ws.shape)}")
+    out, half = weight.shape
+    k = half * 2
+    if k % 32 != 0:
+        raise WanquantError("FP4 input width is not divisible by the group size 32", file=file, layer=module,
+                            expected="in_features % 32 == 0", found=f"in_features {k}")
+    if tuple(ws.shape) != (out, k // 32):
+        raise WanquantError("FP4 group scale shape does not fit the weight", file=file, layer=module,
+                            expected=f"[{out}, {k // 32}] for weight [{out}, {half}]", found=f"{list(ws.shape)}")
+    conf = {"format": "fp4_g32", "group_size": 32}
+    layer = Layer(module, "fp4_g32", f"FP4 group-32 ({nibble_order.replace('_', ' ')} nibble)", weight,
+                  {"weight_scale": ws}, conf, others)
+    layer.conf_source_nibble = nibble_order  # type: ignore[attr-defined]
+    return layer
+
+
+def _classify_comfy(module, weight, sides, others, conf, file, spelling=None) -> Layer:
+    fmt = conf.get("format")
+    if fmt not in COMFY_FORMATS:
+        raise WanquantError("unknown quantization format", file=file, layer=module,
+                            expected=" / ".join(COMFY_FORMATS), found=repr(fmt))
+    spelling = spelling or "comfy_quant (ComfyUI native)"
+    if fmt in FP8_DTYPES.values():
+        if FP8_DTYPES.get(weight.dtype) != fmt:
+            raise WanquantError("weight dtype does not match its comfy_quant format", file=file, layer=module,
+                                expected=fmt, found=str(weight.dtype))
+        if "weight_scale" not in sides:
+            raise WanquantError("comfy_quant fp8 layer without weight_scale", file=file, layer=module,
+                                expected=f"{module}.weight_scale")
+        check_scalar_scale(sides["weight_scale"], file, module, "weight scale")
+        if "input_scale" in sides:
+            check_scalar_scale(sides["input_scale"], file, module, "input scale")
+        keep = {r: sides[r] for r in ("weight_scale", "input_scale") if r in sides}
+    elif fmt == "nvfp4":
+        ws, ws2 = sides.get("weight_scale"), sides.get("weight_scale_2")
+        if weight.dtype != torch.uint8 or ws is None or ws2 is None:
+            raise WanquantError("incomplete NVFP4 layer", file=file, layer=module,
+                                expected="uint8 weight + fp8 block weight_scale + weight_scale_2",
+                                found=f"{weight.dtype} weight, scales: {sorted(sides)}")
+        n, half = weight.shape
+        want = (_roundup(n, 128), _roundup(half * 2 // 16, 4))
+        if tuple(ws.shape) != want or ws.dtype not in (torch.float8_e4m3fn, torch.uint8):
+            raise WanquantError("NVFP4 block scales do not fit the weight", file=file, layer=module,
+                                expected=f"fp8 {list(want)} (blocked 128x4 layout)", found=f"{ws.dtype} {list(ws.shape)}")
+        check_scalar_scale(ws2, file, module, "weight_scale_2")
+        if "input_scale" in sides:
+            check_scalar_scale(sides["input_scale"], file, module, "input scale")
+        keep = {r: sides[r] for r in ("weight_scale", "weight_scale_2", "input_scale") if r in sides}
+    else:  # mxfp8
+        ws = sides.get("weight_scale")
+        if weight.dtype != torch.float8_e4m3fn or ws is None:
+            raise WanquantError("incomplete MXFP8 layer", file=file, layer=module,
+                                expected="fp8 e4m3 weight + E8M0 block weight_scale",
+                                found=f"{weight.dtype} weight, scales: {sorted(sides)}")
+        n, k = weight.shape
+        want = (_roundup(n, 128), _roundup(k // 32, 4))
+        e8m0 = getattr(torch, "float8_e8m0fnu", None)
+        if tuple(ws.shape) != want or ws.dtype not in (torch.uint8, e8m0):
+            raise WanquantError("MXFP8 block scales do not fit the weight", file=file, layer=module,
+                                expected=f"uint8/e8m0 {list(want)} (blocked 128x4 layout)",
+                                found=f"{ws.dtype} {list(ws.shape)}")
+        keep = {"weight_scale": ws}
+    leftover = set(sides) - set(keep)
+    if leftover:
+        raise WanquantError(f"unexpected side tensor on a {fmt} layer", file=file, layer=module,
+                            found=", ".join(sides[r].key for r in sorted(leftover)))
+    return Layer(module, fmt, spelling, weight, keep, dict(conf), others)
+
+
+def _roundup(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
