@@ -1,0 +1,207 @@
+"""Bit-level helpers shared by the format modules: E2M1 codes, nibble packing, the cuBLAS
+blocked scale layout, stochastic rounding and comfy-kitchen detection.
+
+Everything here is plain torch so every format dequantizes on any device, with or without
+comfy-kitchen. Where kitchen has the same operation the format modules call it and the tests
+check that both give identical values.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ...errors import WanquantError
+
+E4M3_MAX = 448.0
+E5M2_MAX = 57344.0
+E2M1_MAX = 6.0
+
+#: E2M1 magnitudes for codes 0-7; bit 3 is the sign.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+_LUT_CACHE: dict = {}
+
+
+def kitchen():
+    """comfy_kitchen when importable (and not switched off by ``WANQUANT_NO_KITCHEN=1``), else None.
+
+    Read on every call (not cached at import) so tests can compare both code paths by
+    monkeypatching this function, and users can rule kitchen out when debugging."""
+    if os.environ.get("WANQUANT_NO_KITCHEN", "") not in ("", "0"):
+        return None
+    return _import_kitchen()
+
+
+@functools.lru_cache(maxsize=1)
+def _import_kitchen():
+    try:
+        import comfy_kitchen as ck
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    return ck
+
+
+def e2m1_lut(device, dtype) -> torch.Tensor:
+    """16-entry table code -> value (codes 8-15 negative), cached per device and dtype."""
+    key = (torch.device(device), dtype)
+    lut = _LUT_CACHE.get(key)
+    if lut is None:
+        vals = list(E2M1_VALUES) + [-v for v in E2M1_VALUES]
+        lut = torch.tensor(vals, dtype=torch.float32).to(device=device, dtype=dtype)
+        _LUT_CACHE[key] = lut
+    return lut
+
+
+def swap_nibbles(u8: torch.Tensor) -> torch.Tensor:
+    """Exchange the two 4-bit halves of every byte (low-first <-> high-first packing)."""
+    if u8.dtype != torch.uint8:
+        raise WanquantError("nibble-packed data must be uint8", expected="uint8", found=str(u8.dtype))
+    return (u8 << 4) | (u8 >> 4)
+
+
+def unpack_codes(u8: torch.Tensor, hi_first: bool = True) -> torch.Tensor:
+    """uint8 [..., C] -> uint8 codes [..., 2C]; element 2i comes from the high nibble if hi_first."""
+    hi = u8 >> 4
+    lo = u8 & 0x0F
+    pair = (hi, lo) if hi_first else (lo, hi)
+    return torch.stack(pair, dim=-1).reshape(*u8.shape[:-1], u8.shape[-1] * 2)
+
+
+def pack_codes(codes: torch.Tensor, hi_first: bool = True) -> torch.Tensor:
+    """uint8 codes [..., 2C] (values 0-15) -> uint8 [..., C]."""
+    c = codes.to(torch.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    even, odd = c[..., 0], c[..., 1]
+    return (even << 4) | odd if hi_first else (odd << 4) | even
+
+
+def _pair_lut(device, dtype, hi_first: bool) -> torch.Tensor:
+    """[256, 2] table byte -> its two E2M1 values in element order."""
+    key = ("pair", torch.device(device), dtype, hi_first)
+    lut = _LUT_CACHE.get(key)
+    if lut is None:
+        single = e2m1_lut("cpu", torch.float32)
+        b = torch.arange(256)
+        hi, lo = single[b >> 4], single[b & 0x0F]
+        lut = (torch.stack((hi, lo) if hi_first else (lo, hi), dim=1)).to(device=device, dtype=dtype)
+        _LUT_CACHE[key] = lut
+    return lut
+
+
+def decode_e2m1(u8: torch.Tensor, hi_first: bool, dtype) -> torch.Tensor:
+    """Packed E2M1 bytes [..., C] -> values [..., 2C] in ``dtype``.
+
+    One gather per byte from a 256x2 table: a single pass over the packed data with no
+    unpacked-code intermediate (E2M1 values are exact in every float dtype)."""
+    vals = _pair_lut(u8.device, dtype, hi_first)[u8.to(torch.int32)]
+    return vals.reshape(*u8.shape[:-1], u8.shape[-1] * 2)
+
+
+# Rounding thresholds between neighbouring E2M1 magnitudes, with the tie direction that
+# round-half-to-even gives (True: a tie goes up because the upper code is even).
+_E2M1_THRESH = ((0.25, False), (0.75, True), (1.25, False), (1.75, True),
+                (2.5, False), (3.5, True), (5.0, False))
+
+
+def encode_e2m1(x: torch.Tensor, *, generator: torch.Generator | None = None,
+                stochastic: bool = False) -> torch.Tensor:
+    """Values already divided by their scale (|x| <= 6 after clamping) -> uint8 codes 0-15.
+
+    Round-to-nearest-even by default (what comfy-kitchen and the FP4 producers use);
+    ``stochastic`` rounds up with probability equal to the distance from the lower grid point,
+    so the expectation equals the input (used when merging LoRAs into FP4 weights)."""
+    xf = x.float()
+    a = xf.abs().clamp_(max=E2M1_MAX)
+    a = torch.nan_to_num(a, nan=0.0)
+    if stochastic:
+        grid = torch.tensor(E2M1_VALUES, device=x.device)
+        idx_lo = (torch.bucketize(a, grid, right=True) - 1).clamp_(0, 7)
+        idx_hi = (idx_lo + 1).clamp_(max=7)
+        lo, hi = grid[idx_lo], grid[idx_hi]
+        span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+        p = (a - lo) / span
+        r = _rand_like(a, generator)
+        code = torch.where(r < p, idx_hi, idx_lo).to(torch.uint8)
+    else:
+        code = torch.zeros(a.shape, dtype=torch.uint8, device=x.device)
+        for t, up in _E2M1_THRESH:
+            code += (a >= t if up else a > t).to(torch.uint8)
+    sign = xf < 0  # negative values that round to zero keep the sign bit, as kitchen does
+    return code | (sign.to(torch.uint8) << 3)
+
+
+def _rand_like(a: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None or generator.device == a.device:
+        return torch.rand(a.shape, generator=generator, device=a.device, dtype=torch.float32)
+    return torch.rand(a.shape, generator=generator, dtype=torch.float32).to(a.device)
+
+
+def stochastic_round_fp8(x: torch.Tensor, fp8_dtype, generator: torch.Generator | None) -> torch.Tensor:
+    """Round fp32 values (already scaled into range) to ``fp8_dtype`` stochastically.
+
+    The step between neighbours is 2**(e - mantissa_bits) for the value's binade (constant
+    below the smallest normal); rounding up with probability equal to the fractional position
+    makes the result unbiased."""
+    info = torch.finfo(fp8_dtype)
+    mbits = 3 if fp8_dtype == torch.float8_e4m3fn else 2
+    emin = -6 if fp8_dtype == torch.float8_e4m3fn else -14
+    xf = torch.nan_to_num(x.float(), nan=0.0)
+    a = xf.abs().clamp_(max=info.max)
+    _, exp = torch.frexp(a)
+    e = (exp - 1).clamp_(min=emin)
+    ulp = torch.ldexp(torch.ones_like(a), (e - mbits))
+    q = a / ulp
+    lo = torch.floor(q)
+    up = (_rand_like(a, generator) < (q - lo)).to(a.dtype)
+    res = ((lo + up) * ulp).clamp_(max=info.max)
+    return torch.copysign(res, xf).to(fp8_dtype)
+
+
+# --- cuBLAS blocked ("swizzled") scale layout -------------------------------------------
+# 128x4 tiles of 512 bytes; inside a tile, entry (r, c) sits at
+# (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4, tiles row-major over (r // 128, c // 4).
+
+def round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def to_blocked(m: torch.Tensor) -> torch.Tensor:
+    """Row-major scales [rows, cols] -> blocked [r(rows,128), r(cols,4)] (zero padded)."""
+    rows, cols = m.shape
+    pr, pc = round_up(rows, 128), round_up(cols, 4)
+    if (pr, pc) != (rows, cols):
+        padded = torch.zeros((pr, pc), dtype=m.dtype, device=m.device)
+        padded[:rows, :cols] = m
+        m = padded
+    nrt, nct = pr // 128, pc // 4
+    # rows = rt*128 + r4*32 + r32, cols = ct*4 + c4 ; stored order (rt, ct, r32, r4, c4)
+    return (m.reshape(nrt, 4, 32, nct, 4).permute(0, 3, 2, 1, 4).reshape(pr, pc).contiguous())
+
+
+def from_blocked(b: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Blocked scales -> row-major [rows, cols] (the unpadded part)."""
+    pr, pc = round_up(rows, 128), round_up(cols, 4)
+    if b.numel() != pr * pc:
+        raise WanquantError("blocked scale tensor has the wrong size",
+                            expected=f"{pr}x{pc} entries for a {rows}x{cols} scale grid",
+                            found=f"{tuple(b.shape)}")
+    nrt, nct = pr // 128, pc // 4
+    m = b.reshape(nrt, nct, 32, 4, 4).permute(0, 3, 2, 1, 4).reshape(pr, pc)
+    return m[:rows, :cols]
+
+
+def as_scalar_f32(t: torch.Tensor, what: str) -> torch.Tensor:
+    """A per-tensor scale as a 0-d fp32 tensor; 0-d or one-element inputs are accepted."""
+    if t.numel() != 1:
+        raise WanquantError(f"{what} must be a scalar", expected="0-d or [1] tensor", found=str(tuple(t.shape)))
+    return t.reshape(()).to(torch.float32)
+
+
+def require(tensors: dict, key: str, fmt: str) -> torch.Tensor:
+    t = tensors.get(key)
+    if t is None:
+        raise WanquantError(f"{fmt} layer is missing its '{key}' tensor", expected=key,
+                            found=", ".join(sorted(tensors)) or "nothing")
+    return t

@@ -1,0 +1,49 @@
+"""The interface every quantized weight format implements.
+
+A format turns canonical tensors (keyed by suffix: ``weight``, ``weight_scale``,
+``weight_scale_2``, ``input_scale``) into the original [N, K] weight and back. The loader,
+the LoRA merger, the linear paths and the ComfyUI bridge all go through this one interface,
+so adding a format is one module plus its tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class QuantFormat:
+    """Base class; subclasses set the class attributes and implement the two methods."""
+
+    #: canonical format name (FORMATS.md): "float8_e4m3fn", "nvfp4", "fp4_g32", ...
+    name: str = ""
+    #: dtype of the stored ``weight`` payload
+    storage_dtype: torch.dtype = torch.uint8
+    #: number of weight elements that share one scale (0 = one scale per tensor)
+    group_size: int = 0
+    #: whether a tensor-core path quantizes activations for this format
+    quantizes_activations: bool = True
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], out_dtype: torch.dtype = torch.float32,
+                   conf: dict | None = None) -> torch.Tensor:
+        """Return the original-shape [N, K] weight in ``out_dtype``."""
+        raise NotImplementedError
+
+    def quantize(self, w: torch.Tensor, *, generator: torch.Generator | None = None,
+                 stochastic: bool = False, conf: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+        """Quantize a float [N, K] weight; return canonical tensors and the comfy_quant JSON dict."""
+        raise NotImplementedError
+
+    def orig_shape(self, tensors: dict[str, torch.Tensor], conf: dict | None = None) -> tuple[int, int]:
+        """The logical [N, K] shape: ``conf['orig_shape']`` when given, else the stored shape."""
+        conf = conf or {}
+        if conf.get("orig_shape") is not None:
+            n, k = conf["orig_shape"]
+            return int(n), int(k)
+        return self.stored_shape(tensors)
+
+    def stored_shape(self, tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
+        w = tensors["weight"]
+        return int(w.shape[0]), int(w.shape[1])
+
+    def __repr__(self) -> str:
+        return f"<QuantFormat {self.name}>"

@@ -1,0 +1,68 @@
+"""wanquant's ``fp4_g32``: E2M1 codes with one float scale per 32 inputs, row-major scales.
+
+This is the naive FP4 release (Wan2.2-Animate-14B-FP4) in canonical form: ``weight`` uint8
+[N, K/2] normalised to high-nibble-first, ``weight_scale`` fp32 [N, K/32];
+value = E2M1(code) * scale[row, col // 32]. ComfyUI has no such format, so dequant is ours and
+runs everywhere. ``conf={"nibble_order": "low_first"}`` reads data that was not normalised.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...errors import WanquantError
+from ._common import E2M1_MAX, decode_e2m1, encode_e2m1, pack_codes, require
+from .base import QuantFormat
+
+GROUP = 32
+
+
+def _hi_first(conf: dict | None) -> bool:
+    order = (conf or {}).get("nibble_order", "high_first")
+    if order in ("high_first", "hi_first", "high_nibble_first"):
+        return True
+    if order in ("low_first", "lo_first", "low_nibble_first"):
+        return False
+    raise WanquantError("unknown FP4 nibble order", expected="high_first or low_first", found=str(order))
+
+
+class FP4G32(QuantFormat):
+    name = "fp4_g32"
+    storage_dtype = torch.uint8
+    group_size = GROUP
+    quantizes_activations = False
+
+    def stored_shape(self, tensors):
+        w = tensors["weight"]
+        return int(w.shape[0]), int(w.shape[1]) * 2
+
+    def dequantize(self, tensors, out_dtype=torch.float32, conf=None):
+        w = require(tensors, "weight", self.name)
+        s = require(tensors, "weight_scale", self.name)
+        if w.dtype != torch.uint8 or w.ndim != 2:
+            raise WanquantError("fp4_g32 weight must be packed uint8 [N, K/2]", expected="2-D uint8",
+                                found=f"{w.ndim}-D {w.dtype}")
+        n, k = w.shape[0], w.shape[1] * 2
+        if k % GROUP or tuple(s.shape) != (n, k // GROUP) or not s.is_floating_point():
+            raise WanquantError("fp4_g32 scale does not match the weight", expected=f"float [{n}, {k // GROUP}]",
+                                found=f"{s.dtype} {list(s.shape)}")
+        vals = decode_e2m1(w, _hi_first(conf), torch.float32).reshape(n, k // GROUP, GROUP)
+        full = (vals * s.to(device=w.device, dtype=torch.float32).unsqueeze(-1)).reshape(n, k)
+        return full if out_dtype == torch.float32 else full.to(out_dtype)
+
+    def quantize(self, w, *, generator=None, stochastic=False, conf=None):
+        if w.ndim != 2 or w.shape[1] % GROUP:
+            raise WanquantError("fp4_g32 needs a 2-D weight whose K is a multiple of 32",
+                                expected="[N, 32*m]", found=str(tuple(w.shape)))
+        n, k = w.shape
+        groups = w.float().reshape(n, k // GROUP, GROUP)
+        scale = groups.abs().amax(-1) / E2M1_MAX
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        data = (groups / safe.unsqueeze(-1)).clamp_(-E2M1_MAX, E2M1_MAX).reshape(n, k)
+        codes = encode_e2m1(data, generator=generator, stochastic=stochastic)
+        # always the canonical high-nibble-first packing; swap_nibbles() gives the other order
+        return ({"weight": pack_codes(codes, hi_first=True), "weight_scale": scale.contiguous()},
+                {"format": self.name, "group_size": GROUP})
+
+
+FORMAT = FP4G32()
