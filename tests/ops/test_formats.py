@@ -15,33 +15,10 @@ from wanquant.errors import WanquantError
 from wanquant.ops.formats import (FORMAT_NAMES, comfy_quant_tensor, from_blocked, get_format,
                                   parse_comfy_quant, swap_nibbles, to_blocked)
 from wanquant.ops.formats import _common
-
-E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+from wq_ops_refs import E2M1, ref_dequant, ref_e2m1_unpack, ref_unblock
 
 ck = _common._import_kitchen()
 needs_kitchen = pytest.mark.skipif(ck is None, reason="comfy_kitchen not importable")
-
-
-def e2m1_value(code: int) -> float:
-    v = E2M1[code & 7]
-    return -v if code & 8 else v
-
-
-def ref_unblock(b: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Reference unswizzle by the documented offset formula (fp64 values)."""
-    flat = b.reshape(-1)
-    nct = (cols + 3) // 4
-    r = torch.arange(rows).unsqueeze(1)
-    c = torch.arange(cols).unsqueeze(0)
-    off = ((r // 128) * nct + c // 4) * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4
-    return flat[off]
-
-
-def ref_e2m1_unpack(u8: torch.Tensor, hi_first: bool) -> torch.Tensor:
-    table = torch.tensor([e2m1_value(i) for i in range(16)], dtype=torch.float64)
-    b = u8.to(torch.int64)
-    first, second = (b // 16, b % 16) if hi_first else (b % 16, b // 16)
-    return torch.stack([table[first], table[second]], -1).reshape(u8.shape[0], -1)
 
 
 # ---------------------------------------------------------------------------------- fp8
@@ -82,15 +59,6 @@ def test_fp8_zero_weight_quantizes_without_nan():
 
 # -------------------------------------------------------------------------------- nvfp4
 
-def nvfp4_reference(t, n, k):
-    w, bs, s2 = t["weight"], t["weight_scale"], t["weight_scale_2"]
-    rows, cols = w.shape[0], w.shape[1] * 2
-    vals = ref_e2m1_unpack(w, hi_first=True)
-    scales = ref_unblock(bs.view(torch.float8_e4m3fn).to(torch.float64), rows, cols // 16)
-    full = vals * scales.repeat_interleave(16, dim=1) * s2.double()
-    return full[:n, :k]
-
-
 @pytest.mark.parametrize("shape", [(128, 64), (70, 96), (33, 40), (256, 144)])
 def test_nvfp4_dequant_matches_fp64_reference(shape):
     fmt = get_format("nvfp4")
@@ -102,7 +70,7 @@ def test_nvfp4_dequant_matches_fp64_reference(shape):
     assert t["weight"].shape == (pn, pk // 2) and t["weight"].dtype == torch.uint8
     assert t["weight_scale"].shape == (-(-pn // 128) * 128, -(-(pk // 16) // 4) * 4)
     assert conf.get("orig_shape", [n, k]) == [n, k]
-    ref = nvfp4_reference(t, n, k)
+    ref = ref_dequant("nvfp4", t, n, k)
     out = fmt.dequantize(t, conf=conf)
     assert out.shape == (n, k)
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=0)

@@ -1,0 +1,352 @@
+"""Which linear path each quantized layer takes, chosen from the real device capability.
+
+The same file must run fast on fp8 tensor cores (SM 8.9 / 9.0+), correctly on an RTX 3090
+(SM 8.6, where ``torch._scaled_mm`` raises) and on CPU; NVFP4/MXFP8 matmul needs SM >= 10, a
+CUDA-13 torch and comfy-kitchen's CUDA backend. Users should not have to know this, so
+``choose`` decides per layer, explains why, and a forced choice the device cannot honour is a
+``WanquantError`` raised while the model is built, never a crash mid-sampling.
+
+``probe_device`` is the one function that reads the hardware; tests replace it (or pass a
+``DeviceCaps`` directly) to fake any GPU / torch / kitchen combination.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import WanquantError
+from .formats import FORMAT_NAMES, FP8_FORMATS
+from .formats._common import kitchen
+
+log = logging.getLogger(__name__)
+
+DENSE, DEQUANT, FP8_MATMUL, KITCHEN_MATMUL = "dense", "dequant", "fp8_matmul", "kitchen_matmul"
+PATHS = (DENSE, DEQUANT, FP8_MATMUL, KITCHEN_MATMUL)
+
+#: user options: "auto" decides per layer; the others force a path where it applies
+OPTIONS = ("auto", DEQUANT, FP8_MATMUL, KITCHEN_MATMUL)
+KITCHEN_FORMATS = ("nvfp4", "mxfp8")
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                torch.float64: "fp64", torch.float8_e4m3fn: "fp8 e4m3", torch.float8_e5m2: "fp8 e5m2"}
+
+
+def dtype_name(dt) -> str:
+    return _DTYPE_NAMES.get(dt, str(dt).replace("torch.", ""))
+
+
+@dataclass(frozen=True)
+class DeviceCaps:
+    """What the policy needs to know about one device and the software around it."""
+
+    device_type: str = "cpu"                 # "cpu", "cuda", "mps", "xpu", ...
+    sm: tuple[int, int] | None = None        # CUDA compute capability
+    name: str = "cpu"
+    torch_version: tuple[int, int] = (2, 0)
+    torch_cuda: tuple[int, int] | None = None  # torch.version.cuda
+    is_hip: bool = False
+    kitchen: bool = False                    # comfy_kitchen importable
+    kitchen_cuda: bool = False               # kitchen's CUDA backend available and enabled
+    kitchen_mxfp8: bool = False              # kitchen exposes MXFP8 quantize + scaled mm
+
+    def describe(self) -> str:
+        if self.device_type != "cuda":
+            return self.name
+        sm = f"SM {self.sm[0]}.{self.sm[1]}" if self.sm else "SM ?"
+        cu = f"CUDA {self.torch_cuda[0]}.{self.torch_cuda[1]}" if self.torch_cuda else "no CUDA"
+        kit = "kitchen CUDA backend" if self.kitchen_cuda else ("kitchen without CUDA backend" if self.kitchen
+                                                                  else "no kitchen")
+        return f"{self.name} ({sm}, torch {self.torch_version[0]}.{self.torch_version[1]} {cu}, {kit})"
+
+
+def _version_tuple(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    nums = re.findall(r"\d+", text)
+    return (int(nums[0]), int(nums[1]) if len(nums) > 1 else 0) if nums else None
+
+
+def probe_device(device=None) -> DeviceCaps:
+    """Read the capability of ``device`` (default: CUDA if present, else CPU). Never raises."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tv = _version_tuple(torch.__version__) or (2, 0)
+    ck = kitchen()
+    kit_cuda = False
+    kit_mx = bool(ck is not None and hasattr(ck, "scaled_mm_mxfp8") and hasattr(ck, "quantize_mxfp8"))
+    if ck is not None:
+        try:
+            info = ck.list_backends().get("cuda", {})
+            kit_cuda = bool(info.get("available")) and not info.get("disabled")
+        except Exception:  # noqa: BLE001
+            kit_cuda = False
+    if dev.type == "cuda" and torch.cuda.is_available():
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        return DeviceCaps("cuda", tuple(torch.cuda.get_device_capability(idx)), torch.cuda.get_device_name(idx),
+                          tv, _version_tuple(torch.version.cuda), torch.version.hip is not None,
+                          ck is not None, kit_cuda, kit_mx)
+    return DeviceCaps(dev.type, None, dev.type, tv, _version_tuple(torch.version.cuda), False,
+                      ck is not None, False, kit_mx)
+
+
+def _caps(device) -> DeviceCaps:
+    return device if isinstance(device, DeviceCaps) else probe_device(device)
+
+
+# ------------------------------------------------------------------ capability predicates
+
+def fp8_matmul_native(c: DeviceCaps) -> tuple[bool, str]:
+    """fp8 tensor cores: NVIDIA SM 9.0+, or SM 8.9 with torch >= 2.3 (ComfyUI's gate)."""
+    if c.device_type != "cuda":
+        return False, f"{c.device_type.upper()} has no fp8 tensor cores"
+    if c.is_hip:
+        return False, "ROCm fp8 matmul is not verified by wanquant"
+    if c.sm is None or c.sm < (8, 9):
+        sm = f"{c.sm[0]}.{c.sm[1]}" if c.sm else "?"
+        return False, f"SM {sm} has no fp8 matmul (needs 8.9+)"
+    if c.sm == (8, 9) and c.torch_version < (2, 3):
+        return False, "SM 8.9 fp8 matmul needs torch >= 2.3"
+    return True, f"SM {c.sm[0]}.{c.sm[1]} has fp8 tensor cores"
+
+
+def fp8_matmul_possible(c: DeviceCaps) -> tuple[bool, str]:
+    """Where ``torch._scaled_mm`` runs at all: fp8 tensor cores, or CPU (emulated, slow)."""
+    ok, why = fp8_matmul_native(c)
+    if ok:
+        return ok, why
+    if c.device_type == "cpu":
+        return True, "CPU runs torch._scaled_mm emulated (forced; slower than dequant)"
+    return False, why
+
+
+def kitchen_matmul_possible(c: DeviceCaps, fmt: str) -> tuple[bool, str]:
+    """NVFP4/MXFP8 block-scaled matmul: SM >= 10, CUDA-13 torch, kitchen CUDA backend."""
+    missing = []
+    if c.device_type != "cuda" or c.is_hip:
+        return False, f"{fmt} matmul needs an NVIDIA GPU (SM 10+); {c.device_type.upper()} dequantizes"
+    if c.sm is None or c.sm[0] < 10:
+        missing.append(f"SM {c.sm[0]}.{c.sm[1]} < 10.0" if c.sm else "unknown SM")
+    if c.torch_cuda is None or c.torch_cuda < (13, 0):
+        missing.append(f"torch built with CUDA {'.'.join(map(str, c.torch_cuda)) if c.torch_cuda else 'none'} < 13")
+    if not c.kitchen:
+        missing.append("comfy-kitchen not importable")
+    elif not c.kitchen_cuda:
+        missing.append("comfy-kitchen CUDA backend unavailable")
+    if fmt == "mxfp8":
+        if c.torch_version < (2, 10):
+            missing.append("torch < 2.10")
+        if c.kitchen and not c.kitchen_mxfp8:
+            missing.append("this comfy-kitchen has no MXFP8")
+    if missing:
+        return False, f"{fmt} matmul unavailable: " + ", ".join(missing)
+    return True, f"SM {c.sm[0]}.{c.sm[1]} with CUDA-13 torch and kitchen CUDA backend"
+
+
+# ------------------------------------------------------------------------------ choose
+
+@dataclass(frozen=True)
+class Choice:
+    path: str
+    reason: str
+    forced: bool = False
+    static_input_scale: bool = False
+
+    def describe(self, fmt: str | None, compute_dtype=None) -> str:
+        """Short label used in the summary line."""
+        cd = dtype_name(compute_dtype) if compute_dtype is not None else "compute dtype"
+        if self.path == FP8_MATMUL:
+            return "fp8 matmul with static input scale" if self.static_input_scale else \
+                "fp8 matmul with dynamic scaling"
+        if self.path == DEQUANT:
+            return f"{fmt} dequantized to {cd}"
+        if self.path == KITCHEN_MATMUL:
+            return f"{fmt} tensor-core matmul (comfy-kitchen)"
+        return cd
+
+
+def validate_option(option: str, device=None) -> str:
+    """Check a user option before anything is loaded; returns it normalised.
+
+    Raises ``WanquantError`` for an unknown option or one the device can never run."""
+    opt = (option or "auto").strip().lower()
+    if opt not in OPTIONS:
+        raise WanquantError("unknown linear path option", expected=" | ".join(OPTIONS), found=repr(option))
+    c = _caps(device)
+    if opt == FP8_MATMUL:
+        ok, why = fp8_matmul_possible(c)
+        if not ok:
+            raise WanquantError(f"forced fp8_matmul cannot run on {c.describe()}: {why}",
+                                expected="a GPU with SM 8.9+ or the CPU, or option 'auto'/'dequant'",
+                                found=c.describe())
+    if opt == KITCHEN_MATMUL:
+        oks = [kitchen_matmul_possible(c, f) for f in KITCHEN_FORMATS]
+        if not any(ok for ok, _ in oks):
+            raise WanquantError(f"forced kitchen_matmul cannot run on {c.describe()}: {oks[0][1]}",
+                                expected="SM 10+ with a CUDA-13 torch and comfy-kitchen's CUDA backend",
+                                found=c.describe())
+    return opt
+
+
+def choose(fmt: str | None, device=None, option: str = "auto", *, conf: dict | None = None,
+           shape: tuple[int, int] | None = None, has_input_scale: bool = False, layer: str | None = None) -> Choice:
+    """The path for one layer of format ``fmt`` (None = not quantized) on ``device``.
+
+    ``option`` is the per-model override (``OPTIONS``). A forced option applies to the layers
+    whose format it serves and raises ``WanquantError`` when the device cannot run it; other
+    layers follow ``auto``."""
+    opt = (option or "auto").strip().lower()
+    if opt not in OPTIONS:
+        raise WanquantError("unknown linear path option", expected=" | ".join(OPTIONS), found=repr(option), layer=layer)
+    if fmt is None:
+        return Choice(DENSE, "not quantized")
+    if fmt not in FORMAT_NAMES:
+        raise WanquantError("unknown quantized format", expected=" | ".join(FORMAT_NAMES), found=repr(fmt), layer=layer)
+    c = _caps(device)
+    conf = conf or {}
+    if opt == DEQUANT:
+        return Choice(DEQUANT, "forced by option 'dequant'", forced=True)
+    if conf.get("full_precision_matrix_mult"):
+        return Choice(DEQUANT, "checkpoint marks the layer full_precision_matrix_mult")
+
+    if fmt in FP8_FORMATS:
+        if opt == FP8_MATMUL:
+            ok, why = fp8_matmul_possible(c)
+            if not ok:
+                raise WanquantError(f"forced fp8_matmul cannot run here: {why}", layer=layer,
+                                    expected="SM 8.9+ GPU or CPU", found=c.describe())
+            return Choice(FP8_MATMUL, why, forced=True, static_input_scale=has_input_scale)
+        ok, why = fp8_matmul_native(c)
+        if ok:
+            scale = "static input_scale from the checkpoint" if has_input_scale else \
+                "activations scaled per call (amax/448)"
+            return Choice(FP8_MATMUL, f"{why}; {scale}", static_input_scale=has_input_scale)
+        if c.device_type == "cpu":
+            why = "CPU: fp32 upcast + output scaling beats emulated fp8 matmul"
+        return Choice(DEQUANT, why)
+
+    if fmt in KITCHEN_FORMATS:
+        ok, why = kitchen_matmul_possible(c, fmt)
+        if ok and shape is not None:
+            n, k = shape
+            if fmt == "nvfp4" and (k + 15) // 16 * 16 % 32:
+                ok, why = False, f"nvfp4 matmul needs K padded to a multiple of 32 (K={k})"
+        if opt == KITCHEN_MATMUL:
+            if not ok:
+                raise WanquantError(f"forced kitchen_matmul cannot run here: {why}", layer=layer,
+                                    expected="SM 10+ GPU, CUDA-13 torch, kitchen CUDA backend", found=c.describe())
+            return Choice(KITCHEN_MATMUL, why, forced=True)
+        return Choice(KITCHEN_MATMUL, why) if ok else Choice(DEQUANT, why)
+
+    # fp4_g32: no tensor-core kernel for group-32 E2M1 with float scales; weight-only everywhere
+    return Choice(DEQUANT, "fp4_g32 has no tensor-core kernel; weight-only dequant")
+
+
+# ------------------------------------------------------------------------------ report
+
+@dataclass
+class LayerChoice:
+    name: str
+    fmt: str | None
+    choice: Choice
+    shape: tuple[int, int] | None = None
+    dtype: torch.dtype | None = None   # storage dtype of an unquantized layer
+
+
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_CATEGORY = (("self_attn.", "self-attention"), ("cross_attn.", "cross-attention"), ("ffn.", "FFN"))
+_HEAD_PREFIXES = ("head.", "patch_embedding", "text_embedding", "time_embedding", "time_projection",
+                  "img_emb", "ref_conv", "vace_patch_embedding")
+
+
+def _category(sub: str) -> str:
+    for prefix, label in _CATEGORY:
+        if sub.startswith(prefix):
+            return label
+    return sub.rsplit(".", 1)[0] if "." in sub else sub
+
+
+def _describe_group(names: list[str]) -> str:
+    """'40×4 self-attention + 40×2 FFN layers + head and embeddings' for a list of layer names."""
+    per_cat: dict[str, dict[int, int]] = {}
+    others = []
+    for nm in names:
+        m = _BLOCK_RE.match(nm)
+        if m:
+            cat = _category(m.group(2))
+            per_cat.setdefault(cat, {}).setdefault(int(m.group(1)), 0)
+            per_cat[cat][int(m.group(1))] += 1
+        else:
+            others.append(nm)
+    parts = []
+    for cat, blocks in per_cat.items():
+        counts = set(blocks.values())
+        parts.append(f"{len(blocks)}×{counts.pop()} {cat}" if len(counts) == 1 else f"{sum(blocks.values())} {cat}")
+    text = (" + ".join(parts) + " layers") if parts else ""
+    if others:
+        if all(o.startswith(_HEAD_PREFIXES) for o in others):
+            extra = "head and embeddings"
+        else:
+            extra = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        text = f"{text} + {extra}" if text else extra
+    return text
+
+
+class OpsPlan:
+    """Per-model record of the option, the device and every layer's choice.
+
+    The bridge calls ``decide`` for each Linear while ComfyUI loads the state dict, then
+    ``finalize`` (raises if a forced option served no layer); ``summary()`` and ``report()``
+    are what the loader node shows."""
+
+    def __init__(self, option: str = "auto", device=None, compute_dtype=torch.bfloat16):
+        self.caps = _caps(device)
+        self.option = validate_option(option, self.caps)
+        self.compute_dtype = compute_dtype
+        self.layers: dict[str, LayerChoice] = {}
+
+    def decide(self, name: str, fmt: str | None, conf: dict | None = None, shape=None,
+               has_input_scale: bool = False, dtype=None) -> Choice:
+        ch = choose(fmt, self.caps, self.option, conf=conf, shape=shape, has_input_scale=has_input_scale, layer=name)
+        self.layers[name] = LayerChoice(name, fmt, ch, tuple(shape) if shape is not None else None, dtype)
+        return ch
+
+    def finalize(self) -> OpsPlan:
+        forced = self.option in (FP8_MATMUL, KITCHEN_MATMUL)
+        if forced and not any(lc.choice.forced for lc in self.layers.values()):
+            formats = sorted({lc.fmt for lc in self.layers.values() if lc.fmt}) or ["none"]
+            serves = "float8_e4m3fn / float8_e5m2" if self.option == FP8_MATMUL else "nvfp4 / mxfp8"
+            raise WanquantError(f"option '{self.option}' applies to no layer of this model",
+                                expected=f"layers in {serves}", found=", ".join(formats))
+        log.info("wanquant linear ops on %s: %s", self.caps.describe(), self.summary())
+        return self
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for lc in self.layers.values():
+            out[lc.choice.path] = out.get(lc.choice.path, 0) + 1
+        return out
+
+    def _label(self, lc: LayerChoice) -> str:
+        if lc.choice.path == DENSE:
+            return dtype_name(lc.dtype if lc.dtype is not None else self.compute_dtype)
+        return lc.choice.describe(lc.fmt, self.compute_dtype)
+
+    def summary(self) -> str:
+        groups: dict[str, list[str]] = {}
+        for lc in self.layers.values():
+            groups.setdefault(self._label(lc), []).append(lc.name)
+        order = sorted(groups.items(), key=lambda kv: (kv[0] in {dtype_name(d) for d in _DTYPE_NAMES}, -len(kv[1])))
+        return "; ".join(f"{_describe_group(names)}: {label}" for label, names in order) or "no linear layers"
+
+    def report(self) -> str:
+        lines = [f"device: {self.caps.describe()}; option: {self.option}; compute dtype: {dtype_name(self.compute_dtype)}",
+                 self.summary(), ""]
+        for lc in self.layers.values():
+            shape = f" {lc.shape[0]}x{lc.shape[1]}" if lc.shape else ""
+            fmt = lc.fmt if lc.fmt else (dtype_name(lc.dtype) if lc.dtype is not None else "dense")
+            lines.append(f"{lc.name}{shape} [{fmt}] -> {lc.choice.path}: {lc.choice.reason}"
+                         + (" (forced)" if lc.choice.forced else ""))
+        return "\n".join(lines)
