@@ -1,0 +1,8 @@
+"""Make the fake-ONNX builders (``onnx_fakes.py``) importable from the pose tests."""
+
+import sys
+from pathlib import Path
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
