@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import WanquantError
 from .formats import FP8_FORMATS, get_format
-from .formats._common import E2M1_MAX, E4M3_MAX, kitchen
+from .formats._common import E2M1_MAX, E4M3_MAX, fp8_to_float32, kitchen
 
 #: smallest activation scale; keeps an all-zero input from dividing by zero
 _MIN_SCALE = 1e-12
@@ -132,8 +132,9 @@ def linear_dequant(x: torch.Tensor, fmt: str, tensors: dict[str, torch.Tensor],
         w = f.payload(tensors)
         if w.shape[1] != k:
             raise WanquantError("input features do not match the weight", expected=str(w.shape[1]), found=str(k))
-        y = F.linear(x, w.to(torch.float32))
-        y.mul_(f.scale(tensors).to(y.device))
+        raw, factor = fp8_to_float32(w)
+        y = F.linear(x, raw)
+        y.mul_(f.scale(tensors).to(y.device) * factor)
         if bias is not None:
             y.add_(bias.to(y.dtype))
         return y

@@ -270,3 +270,15 @@ def test_registry_and_input_errors():
     t, _ = get_format("nvfp4").quantize(torch.randn(32, 32))
     with pytest.raises(WanquantError):
         get_format("nvfp4").dequantize(dict(t, weight_scale=t["weight_scale"][:64]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fast_cpu_fp8_upcast_is_exact_for_every_byte(dtype):
+    """All 256 bit patterns (except NaN) decode exactly as torch's own cast, incl. subnormals."""
+    u8 = torch.arange(256, dtype=torch.uint8).repeat(3, 1)
+    w = u8.view(dtype)
+    raw, factor = _common.fp8_to_float32(w, chunk_bytes=256)  # several chunks
+    ref = w.to(torch.float32)
+    ok = ~torch.isnan(ref)
+    assert bool(ok.sum() >= 3 * 250)
+    assert torch.equal((raw * factor)[ok], ref[ok])
