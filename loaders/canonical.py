@@ -231,7 +231,7 @@ def _fill_family(report: Report, fam: Family) -> None:
 def _entries(det: Detection, order: str, report: Report) -> dict[str, Entry]:
     entries: dict[str, Entry] = {}
     for key, ref in det.plain.items():
-        entries[key] = Entry(key, ref.shape, ref.dtype, ref.load, None)
+        entries[key] = Entry(key, ref.shape, ref.dtype, ref.loader, None)
     for name, layer in det.layers.items():
         report.formats[layer.format] += 1
         report.spellings[layer.spelling] += 1
@@ -241,7 +241,7 @@ def _entries(det: Detection, order: str, report: Report) -> dict[str, Entry]:
             entries[e.key] = e
             report.format_bytes[layer.format] += e.nbytes
         for suffix, ref in layer.others.items():
-            entries[f"{name}.{suffix}"] = Entry(f"{name}.{suffix}", ref.shape, ref.dtype, ref.load, name)
+            entries[f"{name}.{suffix}"] = Entry(f"{name}.{suffix}", ref.shape, ref.dtype, ref.loader, name)
     return entries
 
 
@@ -257,11 +257,11 @@ def _layer_entries(layer: Layer, order: str) -> list[Entry]:
     n = layer.name
     w = layer.weight
     if not layer.quantized:
-        return [Entry(f"{n}.weight", w.shape, w.dtype, w.load, n)]
+        return [Entry(f"{n}.weight", w.shape, w.dtype, w.loader, n)]
     out = []
     conf = dict(layer.conf)
     if layer.format in ("float8_e4m3fn", "float8_e5m2"):
-        out.append(Entry(f"{n}.weight", w.shape, w.dtype, w.load, n))
+        out.append(Entry(f"{n}.weight", w.shape, w.dtype, w.loader, n))
         ws = layer.sides.get("weight_scale")
         out.append(Entry(f"{n}.weight_scale", (), torch.float32,
                          _scalar_fp32(ws) if ws is not None else (lambda: torch.tensor(1.0)), n))
@@ -272,18 +272,18 @@ def _layer_entries(layer: Layer, order: str) -> list[Entry]:
             else:
                 out.append(Entry(f"{n}.input_scale", (), torch.float32, _scalar_fp32(inp), n))
     elif layer.format == "nvfp4":
-        out.append(Entry(f"{n}.weight", w.shape, torch.uint8, w.load, n))
+        out.append(Entry(f"{n}.weight", w.shape, torch.uint8, w.loader, n))
         ws = layer.sides["weight_scale"]
         out.append(Entry(f"{n}.weight_scale", ws.shape, torch.float8_e4m3fn, _view(ws, torch.float8_e4m3fn), n))
         out.append(Entry(f"{n}.weight_scale_2", (), torch.float32, _scalar_fp32(layer.sides["weight_scale_2"]), n))
         if "input_scale" in layer.sides:
             out.append(Entry(f"{n}.input_scale", (), torch.float32, _scalar_fp32(layer.sides["input_scale"]), n))
     elif layer.format == "mxfp8":
-        out.append(Entry(f"{n}.weight", w.shape, w.dtype, w.load, n))
+        out.append(Entry(f"{n}.weight", w.shape, w.dtype, w.loader, n))
         ws = layer.sides["weight_scale"]
         out.append(Entry(f"{n}.weight_scale", ws.shape, torch.uint8, _view(ws, torch.uint8), n))
     elif layer.format == "fp4_g32":
-        load_w = w.load if order == "high_first" else (lambda w=w: swap_nibbles(w.load()))
+        load_w = w.loader if order == "high_first" else (lambda w=w: swap_nibbles(w.load()))
         out.append(Entry(f"{n}.weight", w.shape, torch.uint8, load_w, n))
         ws = layer.sides["weight_scale"]
         out.append(Entry(f"{n}.weight_scale", ws.shape, torch.float32, lambda ws=ws: ws.load().to(torch.float32), n))

@@ -65,6 +65,11 @@ class TensorRef:
     def load(self) -> torch.Tensor:
         return self._loader()
 
+    @property
+    def loader(self) -> Callable[[], torch.Tensor]:
+        """The raw loader (carries ``source_range`` for kernel-side copies when it has one)."""
+        return self._loader
+
 
 @dataclass
 class Source:
@@ -90,27 +95,42 @@ class Source:
 
 
 class _SafetensorsFile:
-    """Lazily opened ``safe_open`` handle shared by all refs of one file."""
+    """Reads tensors of one file with positioned reads into fresh buffers.
 
-    def __init__(self, path: str):
+    Not mmap: a memory map keeps every touched page of a 20 GB file resident in this process,
+    so streaming a conversion would still grow RSS to the file size. A positioned read holds
+    one tensor at a time; the page cache stays the kernel's business.
+    """
+
+    def __init__(self, path: str, data_start: int):
         self.path = path
-        self._handle = None
+        self.data_start = data_start
+        self._fd: int | None = None
 
-    def get(self, key: str) -> torch.Tensor:
-        if self._handle is None:
-            from safetensors import safe_open
-
-            try:
-                self._handle = safe_open(self.path, framework="pt")
-            except Exception as exc:  # safetensors raises its own error types
-                raise WanquantError(f"cannot open safetensors file: {exc}", file=self.path) from exc
+    def read(self, key: str, begin: int, end: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        n = end - begin
+        if n == 0:
+            return torch.empty(shape, dtype=dtype)
         try:
-            return self._handle.get_tensor(key)
-        except Exception as exc:
-            raise WanquantError(f"cannot read tensor: {exc}", file=self.path, layer=key) from exc
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            out = torch.empty(n, dtype=torch.uint8)  # no zero-fill, unlike bytearray
+            got, pos = 0, self.data_start + begin
+            view = memoryview(out.numpy())
+            while got < n:
+                k = os.preadv(self._fd, [view[got:]], pos + got)
+                if k <= 0:
+                    raise WanquantError("file ended while reading a tensor (truncated?)", file=self.path,
+                                        layer=key, expected=f"{n} bytes", found=f"{got}")
+                got += k
+        except OSError as exc:
+            raise WanquantError(f"cannot read tensor: {exc.strerror}", file=self.path, layer=key) from exc
+        return out.view(dtype).reshape(shape)
 
     def close(self) -> None:
-        self._handle = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
@@ -168,20 +188,24 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, st
 
 
 def _open_safetensors(path: str) -> tuple[dict[str, TensorRef], dict[str, str]]:
-    header, metadata, _ = read_safetensors_header(path)
-    handle = _SafetensorsFile(path)
+    header, metadata, data_start = read_safetensors_header(path)
+    handle = _SafetensorsFile(path, data_start)
     refs = {}
     for key, info in header.items():
-        loader = _bind(handle, key)
-        refs[key] = TensorRef(key, tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]], path, loader)
+        dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        loader = _bind(handle, key, begin, end, dtype, shape)
+        refs[key] = TensorRef(key, shape, dtype, path, loader)
     return refs, metadata
 
 
-def _bind(handle: _SafetensorsFile, key: str):
+def _bind(handle: _SafetensorsFile, key: str, begin: int, end: int, dtype: torch.dtype, shape):
     def load():
-        return handle.get(key)
+        return handle.read(key, begin, end, dtype, shape)
 
     load.close = handle.close
+    # lets the writer copy an unchanged tensor file-to-file in the kernel (copy_file_range)
+    load.source_range = (handle.path, handle.data_start + begin, end - begin)
     return load
 
 

@@ -53,23 +53,24 @@ def write_safetensors(dst: str | os.PathLike, items: Iterable[tuple[str, tuple[i
     folder = os.path.dirname(os.path.abspath(dst))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".wanquant-", suffix=".partial", dir=folder)
+    sources: dict[str, int] = {}
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb", buffering=0) as f:
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
             for i, (key, shape, dtype, load) in enumerate(items):
-                t = load()
-                if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                    raise WanquantError("internal: tensor differs from its planned header entry", layer=key,
-                                        expected=f"{dtype} {list(shape)}", found=f"{t.dtype} {list(t.shape)}")
-                t = t.detach().to("cpu").contiguous()
-                if t.numel():
-                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # no extra copy
-                del t
+                rng = getattr(load, "source_range", None)
+                if not (rng and _copy_range(sources, rng, f.fileno())):
+                    t = load()
+                    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                        raise WanquantError("internal: tensor differs from its planned header entry", layer=key,
+                                            expected=f"{dtype} {list(shape)}", found=f"{t.dtype} {list(t.shape)}")
+                    t = t.detach().to("cpu").contiguous()
+                    if t.numel():
+                        _write_all(f, t.reshape(-1).view(torch.uint8).numpy().data)  # no extra copy
+                    del t
                 if progress:
                     progress(i + 1, len(items))
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, dst)
     except BaseException:
         try:
@@ -77,4 +78,39 @@ def write_safetensors(dst: str | os.PathLike, items: Iterable[tuple[str, tuple[i
         except OSError:
             pass
         raise
+    finally:
+        for sfd in sources.values():
+            os.close(sfd)
     return offset
+
+
+def _write_all(f, data) -> None:
+    view = memoryview(data)
+    while view:
+        n = f.write(view)
+        view = view[n:]
+
+
+def _copy_range(sources: dict[str, int], rng: tuple[str, int, int], dst_fd: int) -> bool:
+    """Copy bytes unchanged from a source file in the kernel; False when the OS cannot."""
+    path, offset, count = rng
+    if not hasattr(os, "copy_file_range") or count == 0:
+        return False
+    try:
+        if path not in sources:
+            sources[path] = os.open(path, os.O_RDONLY)
+        start = os.lseek(dst_fd, 0, os.SEEK_CUR)
+        done = 0
+        while done < count:
+            n = os.copy_file_range(sources[path], dst_fd, count - done, offset + done)
+            if n <= 0:
+                raise OSError("short copy")
+            done += n
+        return True
+    except OSError:
+        try:
+            os.lseek(dst_fd, start, os.SEEK_SET)  # fall back to read + write from the same place
+            os.ftruncate(dst_fd, start)
+        except (OSError, UnboundLocalError):
+            pass
+        return False

@@ -1,0 +1,185 @@
+"""Loader benchmark: ``wanquant convert`` vs a plain safetensors read-and-write, and peak RSS.
+
+Builds a Vista4D-style sharded fp8 checkpoint (sibling ``.weight.scale_weight`` scales, index)
+with Wan-14B block shapes at two sizes, then times in fresh subprocesses:
+
+* baseline: ``safetensors.torch.load_file`` + ``save_file`` of every shard (the plain copy);
+* wanquant: ``convert`` of the same index to one ComfyUI-native file.
+
+It prints the time ratio (target ≤ 1.3) and the peak RSS above the RSS after imports (target
+≤ 1 GB and independent of the file size), plus ``inspect`` time on a 14B-sized header (target
+< 2 s, built as a sparse file so it costs no disk).
+
+    python -m wanquant.benchmarks.bench_loader [--sizes-gb 1 4] [--dir /tmp/wq-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DIM, FFN = 5120, 13824
+BLOCK_LINEARS = [("self_attn.q", DIM, DIM), ("self_attn.k", DIM, DIM), ("self_attn.v", DIM, DIM),
+                 ("self_attn.o", DIM, DIM), ("cross_attn.q", DIM, DIM), ("cross_attn.k", DIM, DIM),
+                 ("cross_attn.v", DIM, DIM), ("cross_attn.o", DIM, DIM), ("ffn.0", FFN, DIM), ("ffn.2", DIM, FFN)]
+BLOCK_BYTES = sum(o * i for _, o, i in BLOCK_LINEARS)  # fp8: one byte per weight
+
+
+def build_vista4d_like(folder: Path, size_gb: float, shard_gb: float = 2.0) -> Path:
+    """Sharded fp8 with sibling scales, written tensor by tensor (never whole in RAM)."""
+    import torch
+
+    from wanquant.loaders.writer import write_safetensors
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n_blocks = max(1, int(size_gb * 2**30 // BLOCK_BYTES))
+    items = []
+    for b in range(n_blocks):
+        for name, o, i in BLOCK_LINEARS:
+            key = f"blocks.{b}.{name}.weight"
+            # random bytes masked to finite e4m3 codes (0x7F/0xFF are NaN)
+            items.append((key, (o, i), torch.float8_e4m3fn,
+                          lambda o=o, i=i: (torch.randint(0, 0x7E, (o, i), dtype=torch.uint8)).view(torch.float8_e4m3fn)))
+            items.append((key + ".scale_weight", (), torch.float32, lambda: torch.tensor(1e-3)))
+        items.append((f"blocks.{b}.modulation", (1, 6, DIM), torch.float32, lambda: torch.zeros(1, 6, DIM)))
+    shards, cur, cur_bytes = [], [], 0
+    for it in items:
+        n = 1
+        for d in it[1]:
+            n *= d
+        if cur and cur_bytes + n > shard_gb * 2**30:
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(it)
+        cur_bytes += n
+    shards.append(cur)
+    weight_map = {}
+    for s, chunk in enumerate(shards):
+        name = f"diffusion_pytorch_model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(folder / name, chunk)
+        weight_map.update({k: name for k, *_ in chunk})
+    idx = folder / "diffusion_pytorch_model.safetensors.index.json"
+    idx.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return idx
+
+
+CHILD = r"""
+import json, os, resource, sys, time
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS:'):
+            return int(line.split()[1]) * 1024
+mode, src, dst = sys.argv[1:4]
+import torch, safetensors.torch
+from wanquant.loaders.convert import convert
+base_rss = rss()
+t0 = time.perf_counter()
+if mode == 'plain':
+    idx = json.load(open(src))
+    folder = os.path.dirname(src)
+    os.makedirs(dst, exist_ok=True)
+    for shard in sorted(set(idx['weight_map'].values())):
+        sd = safetensors.torch.load_file(os.path.join(folder, shard))
+        safetensors.torch.save_file(sd, os.path.join(dst, shard))
+        del sd
+else:
+    convert(src, dst)
+dt = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({'seconds': dt, 'base_rss': base_rss, 'peak_rss': peak}))
+"""
+
+
+def _child(mode: str, src: Path, dst: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(src), str(dst)], check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _drop(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def inspect_14b_header(folder: Path) -> float:
+    """A 14B-shaped native fp8 file as a sparse file (only header and scales written); time inspect."""
+    import torch
+
+    from wanquant.loaders.canonical import load_canonical
+    from wanquant.loaders.containers import DTYPE_TO_SAFETENSORS
+
+    entries = []
+    for b in range(40):
+        for name, o, i in BLOCK_LINEARS:
+            entries.append((f"blocks.{b}.{name}.weight", torch.float8_e4m3fn, (o, i)))
+            entries.append((f"blocks.{b}.{name}.scale_weight", torch.float32, ()))
+            entries.append((f"blocks.{b}.{name}.bias", torch.bfloat16, (o,)))
+        for n in ("self_attn.norm_q", "self_attn.norm_k", "cross_attn.norm_q", "cross_attn.norm_k", "norm3"):
+            entries.append((f"blocks.{b}.{n}.weight", torch.bfloat16, (DIM,)))
+        entries.append((f"blocks.{b}.modulation", torch.float32, (1, 6, DIM)))
+    entries += [("head.head.weight", torch.bfloat16, (64, DIM)), ("head.modulation", torch.float32, (1, 2, DIM)),
+                ("patch_embedding.weight", torch.bfloat16, (DIM, 16, 1, 2, 2)),
+                ("text_embedding.0.weight", torch.bfloat16, (DIM, 4096)), ("scaled_fp8", torch.bfloat16, ())]
+    header, off, scale_pos = {}, 0, []
+    for key, dt, shape in entries:
+        n = torch.empty(shape, dtype=dt, device="meta").numel() * torch.empty((), dtype=dt).element_size()
+        header[key] = {"dtype": DTYPE_TO_SAFETENSORS[dt], "shape": list(shape), "data_offsets": [off, off + n]}
+        if key.endswith(".scale_weight"):
+            scale_pos.append(off)
+        off += n
+    raw = json.dumps(header).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    path = folder / "wan14b_header_only.safetensors"
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        start = 8 + len(raw)
+        for pos in scale_pos:
+            f.seek(start + pos)
+            f.write(torch.tensor(1e-3, dtype=torch.float32).numpy().tobytes())
+        f.truncate(start + off)  # sparse: the weights occupy no disk
+    t0 = time.perf_counter()
+    rep = load_canonical(path, collect_errors=True).report
+    dt = time.perf_counter() - t0
+    print(f"inspect on a 14B-shaped header ({off / 2**30:.1f} GiB logical, {rep.formats['float8_e4m3fn']} fp8 "
+          f"layers): {dt:.2f} s (target < 2 s)")
+    _drop(path)
+    return dt
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes-gb", type=float, nargs="+", default=[1.0, 4.0])
+    ap.add_argument("--dir", default="/tmp/wanquant-bench")
+    args = ap.parse_args(argv)
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    inspect_14b_header(root)
+    print(f"{'size':>8} {'plain s':>9} {'convert s':>10} {'ratio':>6} {'plain ΔRSS':>11} {'convert ΔRSS':>13}")
+    for size in args.sizes_gb:
+        src_dir = root / f"src_{size:g}GB"
+        idx = build_vista4d_like(src_dir, size)
+        real = sum(p.stat().st_size for p in src_dir.glob("*.safetensors"))
+        plain = _child("plain", idx, root / "plain_out")
+        _drop(root / "plain_out")
+        conv = _child("convert", idx, root / "converted.safetensors")
+        _drop(root / "converted.safetensors")
+        gib = 2**30
+        print(f"{real / gib:7.2f}G {plain['seconds']:9.2f} {conv['seconds']:10.2f} "
+              f"{conv['seconds'] / plain['seconds']:6.2f} {(plain['peak_rss'] - plain['base_rss']) / gib:10.2f}G "
+              f"{(conv['peak_rss'] - conv['base_rss']) / gib:12.2f}G")
+        _drop(src_dir)
+    print("ratio = convert time / plain load_file+save_file time (target <= 1.3); ΔRSS = peak RSS above "
+          "the RSS after imports (target <= 1 GB for convert, independent of size)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
