@@ -213,10 +213,14 @@ def _tqdm_class(progress: Callable[[int, int], None]):
     from tqdm.auto import tqdm
 
     class _Forward(tqdm):
+        # Count bytes ourselves: a disabled bar (HF_HUB_DISABLE_PROGRESS_BARS) does not track n.
+        _wq_done = 0
+
         def update(self, n=1):
             out = super().update(n)
+            self._wq_done += int(n or 0)
             try:
-                progress(int(self.n), int(self.total or 0))
+                progress(self._wq_done, int(self.total or 0))
             except Exception:  # progress is cosmetic; an interrupt is re-raised by the caller's own check
                 log.debug("progress callback failed", exc_info=True)
             return out
@@ -302,3 +306,15 @@ def resolve_user_path(path: str | Path) -> Path:
     if not p.is_file():
         raise WanquantError("model file not found", file=p)
     return p
+
+
+def extensions_with_onnx(exts) -> set | None:
+    """The extension set a ``detection`` folder needs so ``.onnx`` files are listed.
+
+    Returns a *new* set with ``.onnx`` added, or None when nothing must change: the set already
+    has it, or it is empty (ComfyUI's "accept every file"). Never modify ``exts`` in place: in
+    ComfyUI it is the shared ``supported_pt_extensions`` object, and adding ``.onnx`` to it
+    would put ONNX files into every checkpoint, LoRA and VAE list."""
+    if not exts or ".onnx" in exts:
+        return None
+    return set(exts) | {".onnx"}
