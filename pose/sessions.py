@@ -159,3 +159,39 @@ def open_model(path: str | Path, role: str, provider: str = "auto", device_id: i
     log.info("%s model %s runs on %s", role, path.name, ", ".join(used))
     return OnnxModel(path, role, sess, sess.get_inputs()[0].name, sess.get_outputs()[0].name,
                      i_shape, o_shape, used)
+
+
+_CACHE: dict[tuple[str, str, str, int], OnnxModel] = {}
+
+
+def cached_model(path: str | Path, role: str, provider: str = "auto", device_id: int = 0) -> OnnxModel:
+    """Open a model once per (path, role, provider, device) and reuse the session afterwards."""
+    key = (str(Path(path).resolve()), role, provider, int(device_id))
+    model = _CACHE.get(key)
+    if model is None:
+        model = _CACHE[key] = open_model(path, role, provider, device_id)
+    return model
+
+
+def release_model(path: str | Path, role: str, provider: str = "auto", device_id: int = 0) -> bool:
+    """Drop a cached session (frees ViTPose-H's ~2.5 GB outside torch's allocator)."""
+    return _CACHE.pop((str(Path(path).resolve()), role, provider, int(device_id)), None) is not None
+
+
+@dataclass
+class PoseModelSet:
+    """The resolved detector + pose files and how to run them: what the loader node hands on.
+
+    Sessions are opened lazily through the cache, so a released set reopens on next use."""
+    detector_path: Path
+    pose_path: Path
+    provider: str = "auto"
+    device_id: int = 0
+
+    def open(self) -> tuple[OnnxModel, OnnxModel]:
+        return (cached_model(self.detector_path, "detector", self.provider, self.device_id),
+                cached_model(self.pose_path, "pose", self.provider, self.device_id))
+
+    def release(self) -> None:
+        release_model(self.detector_path, "detector", self.provider, self.device_id)
+        release_model(self.pose_path, "pose", self.provider, self.device_id)
