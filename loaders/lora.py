@@ -34,7 +34,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 
@@ -534,6 +534,3 @@ def render_lora(modules: Mapping[str, dict], style: str = "comfy") -> dict[str, 
                 out[base + ".diff_b"] = parts["diff_b"]
     return out
 
-
-def lora_targets_text(patches: Iterable[LoraPatch]) -> list[str]:
-    return sorted({p.target for p in patches})

@@ -1,0 +1,58 @@
+"""``wanquant merge-lora MODEL LORA[:strength]... -o OUT``: arguments, progress and printing only.
+
+The work is :func:`wanquant.loaders.lora_merge.merge_lora_file`; ``cli.py`` calls
+:func:`register` when this module exists.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "merge-lora",
+        help="merge LoRAs into a (quantized) model and write ComfyUI's native format",
+        description="Dequantize each patched layer, add every LoRA at once, requantize with a fresh scale and "
+                    "seeded stochastic rounding (ComfyUI's seeds). Streams: memory is the LoRAs plus one layer.")
+    p.add_argument("model", help="a .safetensors/.pth file, a *.index.json or a model folder (any supported format)")
+    p.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH]",
+                   help="LoRA file, optionally with ':strength' (default 1.0); several are applied together")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors (written to a temp file, renamed when complete)")
+    p.add_argument("--nearest", action="store_true",
+                   help="round to nearest instead of stochastic rounding when requantizing (biased for small LoRA changes)")
+    p.add_argument("--strict", action="store_true", help="fail if any LoRA key does not match the model")
+    p.add_argument("--fp4-to", choices=["float8_e4m3fn", "nvfp4", "bf16"], default="float8_e4m3fn",
+                   help="format for FP4 group-32 layers, which stock ComfyUI cannot load (default float8_e4m3fn)")
+    p.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto",
+                   help="FP4 group-32 packing of MODEL (default: quantize_config.json, else low_first)")
+    p.set_defaults(func=cmd_merge_lora)
+
+
+def _progress():
+    from tqdm import tqdm
+
+    bar = tqdm(desc="merge-lora", unit="tensor", leave=False, file=sys.stderr)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return update, bar.close
+
+
+def cmd_merge_lora(args) -> int:
+    from .lora_merge import merge_lora_file, parse_lora_arg
+
+    loras = [parse_lora_arg(a) for a in args.loras]
+    update, close = _progress()
+    try:
+        result = merge_lora_file(args.model, loras, args.output, stochastic=not args.nearest,
+                                 allow_unmatched=not args.strict, progress=update, fp4_to=args.fp4_to,
+                                 nibble_order=None if args.nibble_order == "auto" else args.nibble_order)
+    finally:
+        close()
+    for line in result.lines():
+        print(line)
+    return 0

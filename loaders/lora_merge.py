@@ -1,0 +1,349 @@
+"""Apply LoRA patches to canonical (quantized or plain) weights, and the streaming ``merge-lora`` writer.
+
+Merge: dequantize → add every LoRA's delta at once → requantize with a *fresh* scale (the
+LoRA may move the layer's amax) and seeded stochastic rounding, so the rounding error is unbiased
+instead of systematically snapping small LoRA changes back onto the old grid. The seed per
+parameter is ComfyUI's own (``string_to_seed("diffusion_model." + key)``, a CRC-32), so a file
+merged here and a model patched by ComfyUI draw from the same random stream.
+
+On the fly: :class:`LoraWeightFunction` adds the same deltas to the dequantized weight each time
+it is used and never touches the stored one (ComfyUI calls it as a ``weight_function``).
+
+Both accumulate several LoRAs on a parameter before rounding once. Pure torch; no ComfyUI import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from ..errors import WanquantError
+from ..ops.formats import get_format
+from .canonical import CanonicalModel, Entry, comfy_quant_tensor, load_canonical
+from .lora import LoraMatch, LoraPatch, match_lora, read_lora
+from .writer import write_safetensors
+
+log = logging.getLogger(__name__)
+
+QUANT_SIDE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "comfy_quant")
+
+Applied = tuple[LoraPatch, float]  # a patch and the strength it is applied with
+
+
+def comfy_seed(key: str) -> int:
+    """ComfyUI's per-parameter rounding seed for native ``key`` (``comfy.utils.string_to_seed``)."""
+    return zlib.crc32(("diffusion_model." + key).encode("utf-8"))
+
+
+def total_delta(items: Sequence[Applied], shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                device=None) -> torch.Tensor:
+    """Σ strength · delta over ``items`` for a parameter of ``shape``."""
+    out = torch.zeros(shape, dtype=dtype, device=device)
+    for patch, strength in items:
+        if strength == 0.0:
+            continue
+        out.add_(patch.delta(shape, dtype, device), alpha=strength)
+    return out
+
+
+def _finite_or_raise(t: torch.Tensor, key: str, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise WanquantError(f"{what} is not finite after adding the LoRA (strength too large?)", layer=key,
+                            found=f"{int((~torch.isfinite(t)).sum())} NaN/Inf values")
+
+
+def merge_quantized(fmt_name: str, tensors: dict[str, torch.Tensor], conf: dict, delta: torch.Tensor, *,
+                    key: str, stochastic: bool = True) -> tuple[dict[str, torch.Tensor], dict, torch.Tensor]:
+    """Dequantize one layer, add ``delta``, requantize with a fresh scale.
+
+    Returns (new canonical tensors, new comfy_quant conf, the fp32 merged weight before rounding)."""
+    fmt = get_format(fmt_name)
+    w = fmt.dequantize(tensors, torch.float32, conf)
+    if tuple(w.shape) != tuple(delta.shape):
+        raise WanquantError("LoRA delta does not fit the layer", layer=key, expected=str(tuple(w.shape)),
+                            found=str(tuple(delta.shape)))
+    merged = w.add_(delta.to(w.device, torch.float32))
+    _finite_or_raise(merged, key, "merged weight")
+    gen = torch.Generator(device=merged.device).manual_seed(comfy_seed(key))
+    new, new_conf = fmt.quantize(merged, generator=gen, stochastic=stochastic, conf=conf)
+    return new, {**conf, **new_conf}, merged
+
+
+def merge_plain(t: torch.Tensor, delta: torch.Tensor, *, key: str) -> torch.Tensor:
+    """A high-precision parameter plus its delta, added in fp32 and rounded once to its dtype."""
+    out = t.to(torch.float32) + delta.to(t.device, torch.float32).reshape(t.shape)
+    _finite_or_raise(out, key, "merged parameter")
+    return out.to(t.dtype)
+
+
+class LoraWeightFunction:
+    """``W ↦ W + Σ strength·scale·up@down (+ diffs)`` on an already dequantized weight.
+
+    ComfyUI runs a layer's ``weight_function`` list after it has cast (and dequantized) the weight
+    for a forward, so this is the "on the fly" mode: the quantized weight stays untouched and the
+    LoRA is exact up to the compute dtype. The low-rank factors are kept, never the full delta;
+    ``move_to`` lets ComfyUI move them to the compute device once (its contract returns bytes)."""
+
+    def __init__(self, key: str, items: Sequence[Applied]):
+        self.key = key
+        self.factors: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self.diffs: list[tuple[torch.Tensor, float]] = []
+        for patch, strength in items:
+            c = float(strength) * patch.scale
+            if c == 0.0:
+                continue
+            if patch.kind == "lora":
+                self.factors.append((patch.up.reshape(patch.up.shape[0], -1),
+                                     patch.down.reshape(patch.down.shape[0], -1), c))
+            else:
+                self.diffs.append((patch.diff, c))
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        dt, dev = weight.dtype, weight.device
+        out = weight
+        if self.factors and out.ndim == 2:
+            for up, down, c in self.factors:
+                out = torch.addmm(out, up.to(dev, dt) * c, down.to(dev, dt))
+        else:
+            for up, down, c in self.factors:
+                out = out + ((up.to(dev, dt) * c) @ down.to(dev, dt)).reshape(weight.shape)
+        for d, c in self.diffs:
+            out = out + d.to(dev, dt).reshape(weight.shape) * c
+        return out
+
+    def move_to(self, device=None) -> int:
+        if device is None:
+            return 0
+        moved = 0
+        self.factors = [(u.to(device), d.to(device), c) for u, d, c in self.factors]
+        self.diffs = [(d.to(device), c) for d, c in self.diffs]
+        for u, d, _ in self.factors:
+            moved += u.nbytes + d.nbytes
+        for d, _ in self.diffs:
+            moved += d.nbytes
+        return moved
+
+
+def group_patches(matches: Iterable[LoraMatch]) -> dict[str, list[Applied]]:
+    """target key → [(patch, strength)] over several matched LoRAs (applied together)."""
+    out: dict[str, list[Applied]] = {}
+    for m in matches:
+        for p in m.patches:
+            out.setdefault(p.target, []).append((p, m.strength))
+    return out
+
+
+# ------------------------------------------------------------------------------ canonical models
+
+def canonical_shapes(model: CanonicalModel) -> dict[str, tuple[int, ...]]:
+    """native parameter key → logical shape (quantized weights report their [N, K], not storage)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    quant = {n: l for n, l in model.layers.items() if l.quantized}
+    for k, e in model.entries.items():
+        if e.layer in quant and k.rsplit(".", 1)[-1] in QUANT_SIDE_SUFFIXES and k.rsplit(".", 1)[0] == e.layer:
+            continue
+        shapes[k] = tuple(e.shape)
+    for name, layer in quant.items():
+        we = model.entries[f"{name}.weight"]
+        probe = {"weight": torch.empty(we.shape, dtype=we.dtype, device="meta")}
+        shapes[f"{name}.weight"] = tuple(get_format(layer.format).orig_shape(probe, layer.conf))
+    return shapes
+
+
+@dataclass
+class MergeStats:
+    """Per merged quantized layer: how much the LoRA moved it and what requantizing added."""
+
+    delta_rel: dict[str, float] = field(default_factory=dict)  # ‖ΔW‖ / ‖W‖
+    requant_rel: dict[str, float] = field(default_factory=dict)  # ‖deq(new) − (W+ΔW)‖ / ‖W+ΔW‖
+    reencoded: dict[str, str] = field(default_factory=dict)  # FP4 group-32 layer → format written
+    plain: int = 0
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.delta_rel:
+            r = [self.requant_rel[n] for n in self.delta_rel]
+            d = list(self.delta_rel.values())
+            out.append(f"merged {len(r)} quantized layers: LoRA change ‖ΔW‖/‖W‖ mean {sum(d) / len(d):.2e}; "
+                       f"requantization (fresh scale, stochastic rounding) added relative error mean "
+                       f"{sum(r) / len(r):.2e}, max {max(r):.2e}")
+        if self.reencoded:
+            tos = sorted(set(self.reencoded.values()))
+            out.append(f"{len(self.reencoded)} FP4 group-32 layers written as {', '.join(tos)} "
+                       f"(stock ComfyUI cannot load FP4 group-32)")
+        if self.plain:
+            out.append(f"merged {self.plain} high-precision parameters (rounded once to their dtype)")
+        return out
+
+
+FP4_TARGETS = ("float8_e4m3fn", "nvfp4", "bf16")
+
+
+def plan_merge(model: CanonicalModel, grouped: dict[str, list[Applied]], *, stochastic: bool = True,
+               stats: MergeStats | None = None, measure: bool = True, fp4_to: str = "float8_e4m3fn") -> list[Entry]:
+    """Output entries in order: patched layers replaced by lazily merged ones (one layer in memory).
+
+    FP4 group-32 layers, which stock ComfyUI cannot load, are written in ``fp4_to`` (as ``convert``
+    does): a patched one is merged and encoded there in one rounding, an unpatched one is re-encoded
+    with round-to-nearest."""
+    if fp4_to not in FP4_TARGETS:
+        raise WanquantError("unknown target for FP4 group-32 layers", expected=" / ".join(FP4_TARGETS), found=fp4_to)
+    stats = stats if stats is not None else MergeStats()
+    shapes = canonical_shapes(model)
+    rewrite = {n: l for n, l in model.layers.items()
+               if l.quantized and (f"{n}.weight" in grouped or l.format == "fp4_g32")}
+    out: list[Entry] = []
+    emitted: set[str] = set()
+    for key, e in model.entries.items():
+        layer = rewrite.get(e.layer) if e.layer else None
+        suffix = key[len(e.layer) + 1:] if layer is not None and key.startswith(e.layer + ".") else None
+        if layer is not None and suffix in ("weight", "weight_scale", "weight_scale_2", "comfy_quant"):
+            if layer.name not in emitted:
+                target = fp4_to if layer.format == "fp4_g32" else layer.format
+                out.extend(_layer_entries(model, layer, grouped.get(f"{layer.name}.weight", []),
+                                          shapes[f"{layer.name}.weight"], target, stochastic, stats, measure))
+                emitted.add(layer.name)
+            continue
+        if key in grouped:
+            out.append(Entry(key, e.shape, e.dtype, _plain_loader(e, grouped[key], stats), e.layer))
+        else:
+            out.append(e)
+    return out
+
+
+def _plain_loader(e: Entry, items: list[Applied], stats: MergeStats) -> Callable[[], torch.Tensor]:
+    def load():
+        t = e.load()
+        stats.plain += 1
+        return merge_plain(t, total_delta(items, tuple(t.shape)), key=e.key)
+    return load
+
+
+def _layer_entries(model: CanonicalModel, layer, items: list[Applied], shape: tuple[int, ...], target: str,
+                   stochastic: bool, stats: MergeStats, measure: bool) -> list[Entry]:
+    """The entries of one rewritten quantized layer, all fed from one merge done on first use."""
+    name = layer.name
+    same = target == layer.format
+    if same:
+        planned = [(s, model.entries[f"{name}.{s}"].shape, model.entries[f"{name}.{s}"].dtype)
+                   for s in ("weight", "weight_scale", "weight_scale_2", "comfy_quant") if f"{name}.{s}" in model.entries]
+    elif target == "bf16":
+        planned = [("weight", shape, torch.bfloat16)]
+    else:
+        probe, conf = get_format(target).quantize(torch.zeros(shape))  # shapes and dtypes only
+        probe["comfy_quant"] = comfy_quant_tensor(conf)
+        planned = [(s, tuple(t.shape), t.dtype) for s, t in probe.items()]
+    state: dict = {"cache": {}, "pending": set()}
+
+    def produce() -> dict[str, torch.Tensor]:
+        if state["cache"]:
+            return state["cache"]
+        src = get_format(layer.format)
+        tensors = {s: model.entries[f"{name}.{s}"].load() for s in ("weight", "weight_scale", "weight_scale_2")
+                   if f"{name}.{s}" in model.entries}
+        key = f"{name}.weight"
+        w = src.dequantize(tensors, torch.float32, layer.conf)
+        delta = total_delta(items, shape) if items else None
+        merged = w.add_(delta) if delta is not None else w
+        _finite_or_raise(merged, key, "merged weight")
+        if target == "bf16":
+            new = {"weight": merged.to(torch.bfloat16)}
+            got = new["weight"].float() if measure else None
+        else:
+            fmt = get_format(target)
+            gen = torch.Generator(device=merged.device).manual_seed(comfy_seed(key))
+            new, conf = fmt.quantize(merged, generator=gen, stochastic=stochastic and delta is not None,
+                                     conf=layer.conf if same else None)
+            if same:
+                new["comfy_quant"] = comfy_quant_tensor({**layer.conf, **conf})
+                conf = {**layer.conf, **conf}
+            else:
+                new["comfy_quant"] = comfy_quant_tensor(conf)
+            got = fmt.dequantize(new, torch.float32, conf) if measure else None
+        if measure:
+            ref_norm = merged.norm().clamp_min(1e-30)
+            if delta is not None:
+                stats.delta_rel[name] = float(delta.norm() / (merged - delta).norm().clamp_min(1e-30))
+            stats.requant_rel[name] = float((got - merged).norm() / ref_norm)
+            if not same:
+                stats.reencoded[name] = target
+        state["cache"] = new
+        state["pending"] = {s for s, _, _ in planned}
+        return new
+
+    def loader(suffix: str, want_shape, want_dtype):
+        def load():
+            t = produce()[suffix]
+            state["pending"].discard(suffix)
+            if not state["pending"]:
+                state["cache"] = {}  # every piece of this layer is written: free it
+            if t.dtype != want_dtype and t.element_size() == torch.empty((), dtype=want_dtype).element_size():
+                t = t.view(want_dtype)  # e.g. E8M0/fp8 scales kept as uint8 in canonical form
+            if tuple(t.shape) != tuple(want_shape) and t.numel() == math.prod(want_shape):
+                t = t.reshape(want_shape)
+            return t
+        return load
+
+    return [Entry(f"{name}.{s}", tuple(shp), dt, loader(s, shp, dt), name) for s, shp, dt in planned]
+
+
+@dataclass
+class MergeResult:
+    dst: str
+    tensors: int
+    bytes_written: int
+    matches: list[LoraMatch]
+    stats: MergeStats
+
+    def lines(self) -> list[str]:
+        out = [m.text() for m in self.matches]
+        out += self.stats.lines()
+        out.append(f"wrote {self.dst}: {self.tensors} tensors, {self.bytes_written / 2**20:.1f} MiB of tensor data")
+        return out
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """``path[:strength]``; a trailing ``:number`` is the strength (paths with ':' elsewhere still work)."""
+    head, sep, tail = arg.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return arg, 1.0
+
+
+def merge_lora_file(model_path, loras: Sequence[tuple[str, float]], dst, *, stochastic: bool = True,
+                    allow_unmatched: bool = True, progress: Callable[[int, int], None] | None = None,
+                    nibble_order: str | None = None, fp4_to: str = "float8_e4m3fn") -> MergeResult:
+    """``wanquant merge-lora``: read MODEL in canonical form, merge LoRAs, stream a ComfyUI-native file.
+
+    Every LoRA is read and checked against the model before anything is written; the output
+    appears (atomically) only when every layer merged cleanly. Memory: the LoRAs plus one layer."""
+    model = load_canonical(model_path, nibble_order=nibble_order)
+    if model.report.errors:
+        raise WanquantError(model.report.errors[0], file=str(model_path))
+    shapes = canonical_shapes(model)
+    matches = []
+    for path, strength in loras:
+        lf = read_lora(path)
+        m = match_lora(lf, shapes, strength=strength, mode="merge")
+        if m.unmatched and not allow_unmatched:
+            raise WanquantError(f"{len(m.unmatched)} LoRA keys do not match the model (use --allow-unmatched)",
+                                file=str(path), layer=m.unmatched[0][0], found=m.unmatched[0][1])
+        matches.append(m)
+    stats = MergeStats()
+    entries = plan_merge(model, group_patches(matches), stochastic=stochastic, stats=stats, fp4_to=fp4_to)
+    meta = dict(model.metadata)
+    meta["format"] = "pt"
+    meta["wanquant"] = json.dumps({"source": str(model_path), "variant": model.report.variant,
+                                   "merged_loras": [{"path": str(p), "strength": s} for p, s in loras],
+                                   "rounding": "stochastic" if stochastic else "nearest"})
+    written = write_safetensors(dst, [(e.key, e.shape, e.dtype, e.load) for e in entries], meta, progress)
+    return MergeResult(str(dst), len(entries), written, matches, stats)
