@@ -1,0 +1,231 @@
+"""ComfyUI bridge: a custom operations class that runs wanquant's linear paths.
+
+``build_operations(policy_option, compute_dtype, load_device)`` returns ``(ops, plan)``; the
+loader passes ``model_options={"custom_operations": ops}`` to
+``comfy.sd.load_diffusion_model_state_dict`` and, after loading, calls ``plan.finalize()`` and
+shows ``plan.report()``.
+
+Design (COMFYUI.md §3/§10): ``ops`` subclasses the class ``comfy.ops.mixed_precision_ops``
+returns, so ComfyUI keeps doing what it does well: ``comfy_quant`` loading into
+``QuantizedTensor`` weights, LoRA dequant -> patch -> requant (``convert_weight`` /
+``set_weight``), lowvram LoRA (``weight_function``), offloading and dynamic VRAM
+(``cast_bias_weight``), ``state_dict`` and device moves. wanquant adds only:
+
+* the per-layer path choice from ``ops.policy`` (ComfyUI computes no disabled set when custom
+  operations are given, so the policy is the gate);
+* the fp8 path with dynamic per-tensor activation scaling instead of ComfyUI's scale 1.0;
+* ``fp4_g32``, which ComfyUI does not know (its loader raises on unknown formats): loaded here
+  into a ``QuantizedTensor`` with a wanquant layout, so LoRA and offloading work unchanged. A
+  model saved from such layers does not load in vanilla ComfyUI.
+
+NVFP4/MXFP8 on SM >= 10 go through ComfyUI's own forward (kitchen kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_management
+import comfy.ops
+from comfy.quant_ops import QuantizedTensor
+
+from ..errors import WanquantError
+from ..ops.formats import FP8_FORMATS, comfy_quant_tensor, get_format, parse_comfy_quant, swap_nibbles
+from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
+from ..ops.policy import DEQUANT, FP8_MATMUL, KITCHEN_MATMUL, OpsPlan
+
+log = logging.getLogger(__name__)
+
+FP4G32_LAYOUT = "WanquantFP4G32Layout"
+
+try:  # the layout base classes live in comfy-kitchen, which ComfyUI requires
+    from comfy_kitchen.tensor import BaseLayoutParams, QuantizedLayout, register_layout_class
+except ImportError:  # pragma: no cover - ComfyUI without kitchen cannot load quantized models at all
+    BaseLayoutParams = QuantizedLayout = None
+    register_layout_class = None
+
+
+if QuantizedLayout is not None:
+    class FP4G32Layout(QuantizedLayout):
+        """E2M1 codes (high nibble first) with fp32 per-32 group scales: weight-only everywhere."""
+
+        MIN_SM_VERSION = None
+
+        @dataclass(frozen=True)
+        class Params(BaseLayoutParams):
+            pass  # ``scale`` holds the [N, K/32] fp32 group scales
+
+        @classmethod
+        def quantize(cls, tensor, scale=None, stochastic_rounding=0, inplace_ops=False, **kwargs):
+            """Fresh group scales always (LoRA merges call this with scale="recalculate");
+            a non-zero ``stochastic_rounding`` seeds the rounding, as ComfyUI's layouts do."""
+            gen = None
+            if stochastic_rounding:
+                gen = torch.Generator(device=tensor.device)
+                gen.manual_seed(int(stochastic_rounding))
+            t, _ = get_format("fp4_g32").quantize(tensor, generator=gen, stochastic=bool(stochastic_rounding))
+            return t["weight"], cls.Params(scale=t["weight_scale"], orig_dtype=tensor.dtype,
+                                           orig_shape=tuple(tensor.shape))
+
+        @classmethod
+        def dequantize(cls, qdata, params):
+            return get_format("fp4_g32").dequantize({"weight": qdata, "weight_scale": params.scale},
+                                                    out_dtype=params.orig_dtype)
+
+        @classmethod
+        def get_plain_tensors(cls, qtensor):
+            return qtensor._qdata, qtensor._params.scale
+
+        @classmethod
+        def state_dict_tensors(cls, qdata, params):
+            return {"": qdata, "_scale": params.scale}
+
+    register_layout_class(FP4G32_LAYOUT, FP4G32Layout)
+
+
+def default_compute_dtype(load_device) -> torch.dtype:
+    """The compute dtype ComfyUI itself picks for a quantized Wan model on ``load_device``
+    (``unet_manual_cast(None, …)``: fp32 on CPU, fp16 first on NVIDIA)."""
+    dt = comfy.model_management.unet_manual_cast(None, load_device,
+                                                 [torch.float16, torch.bfloat16, torch.float32])
+    return dt if dt is not None else torch.float32
+
+
+def plain_tensors(qt) -> dict[str, torch.Tensor]:
+    """Canonical tensors (weight / weight_scale / weight_scale_2) of a ComfyUI QuantizedTensor,
+    via its layout's own serialisation so every layout maps the same way."""
+    parts = qt.layout_cls.state_dict_tensors(qt._qdata, qt._params)
+    return {"weight" + suffix: t for suffix, t in parts.items()}
+
+
+_CAST_PARAMS = set(inspect.signature(comfy.ops.cast_bias_weight).parameters)
+
+
+@contextlib.contextmanager
+def _cast_weights(layer, x, want_requant):
+    """ComfyUI's offload-aware weight cast (and release), on any recent ComfyUI."""
+    kwargs = {"offloadable": True}
+    if "compute_dtype" in _CAST_PARAMS:
+        kwargs["compute_dtype"] = x.dtype
+    if "want_requant" in _CAST_PARAMS:
+        kwargs["want_requant"] = want_requant
+    weight, bias, stream = comfy.ops.cast_bias_weight(layer, x, **kwargs)
+    try:
+        yield weight, bias
+    finally:
+        comfy.ops.uncast_bias_weight(layer, weight, bias, stream)
+
+
+def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | None = None, load_device=None):
+    """Custom operations for ``load_diffusion_model_state_dict`` plus the ``OpsPlan`` it fills.
+
+    Raises ``WanquantError`` at once when the option is unknown or the device can never run it
+    (e.g. ``fp8_matmul`` on an SM 8.6 GPU); per-layer problems raise while loading."""
+    if load_device is None:
+        load_device = comfy.model_management.get_torch_device()
+    if compute_dtype is None:
+        compute_dtype = default_compute_dtype(load_device)
+    plan = OpsPlan(policy_option, load_device, compute_dtype)
+    base = comfy.ops.mixed_precision_ops({}, compute_dtype, full_precision_mm=False, disabled=[])
+
+    class WanquantOps(base):
+        wanquant_plan = plan
+
+        class Linear(base.Linear):
+            _wq_choice = None
+            _wq_conf: dict = {}
+
+            def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs):
+                name = prefix.rstrip(".")
+                raw = state_dict.get(f"{prefix}comfy_quant")
+                conf = parse_comfy_quant(raw) if raw is not None else None
+                fmt = conf.get("format") if conf else None
+                if fmt == "fp4_g32":
+                    self._load_fp4_g32(state_dict, prefix, local_metadata, strict, missing_keys,
+                                       unexpected_keys, error_msgs, conf, name)
+                else:
+                    try:
+                        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                                      missing_keys, unexpected_keys, error_msgs)
+                    except (KeyError, ValueError) as exc:
+                        raise WanquantError(f"ComfyUI could not load this quantized layer: {exc}",
+                                            layer=name, expected="a ComfyUI comfy_quant format",
+                                            found=str(fmt)) from exc
+                shape = (self.out_features, self.in_features)
+                weight = getattr(self, "weight", None)
+                choice = plan.decide(name, fmt, conf, shape, getattr(self, "input_scale", None) is not None,
+                                     None if fmt else (weight.dtype if weight is not None else None))
+                self._wq_choice = choice
+                self._wq_conf = dict(conf or {}, orig_shape=list(shape))
+                if fmt is not None:
+                    # ComfyUI's own forward runs only the kitchen path; keep its flag consistent
+                    self._full_precision_mm = choice.path != KITCHEN_MATMUL
+
+            def _load_fp4_g32(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs, conf, name):
+                device = self.factory_kwargs["device"]
+                w = state_dict.pop(f"{prefix}weight", None)
+                s = state_dict.pop(f"{prefix}weight_scale", None)
+                state_dict.pop(f"{prefix}comfy_quant", None)
+                n, k = self.out_features, self.in_features
+                if w is None or s is None or tuple(w.shape) != (n, k // 2) or tuple(s.shape) != (n, k // 32):
+                    raise WanquantError("fp4_g32 tensors do not match the layer", layer=name,
+                                        expected=f"weight uint8 [{n}, {k // 2}], weight_scale [{n}, {k // 32}]",
+                                        found=f"weight {None if w is None else list(w.shape)}, "
+                                              f"weight_scale {None if s is None else list(s.shape)}")
+                if str(conf.get("nibble_order", "high_first")).startswith("low"):
+                    w = swap_nibbles(w)
+                self.quant_format = "fp4_g32"
+                self.layout_type = FP4G32_LAYOUT
+                params = FP4G32Layout.Params(scale=s.to(device=device, dtype=torch.float32),
+                                             orig_dtype=self.factory_kwargs["dtype"], orig_shape=(n, k))
+                self.weight = torch.nn.Parameter(QuantizedTensor(w.to(device=device, dtype=torch.uint8),
+                                                                 FP4G32_LAYOUT, params), requires_grad=False)
+                torch.nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                                                      missing_keys, unexpected_keys, error_msgs)
+                for key in ("weight", "weight_scale", "comfy_quant"):
+                    if f"{prefix}{key}" in missing_keys:
+                        missing_keys.remove(f"{prefix}{key}")
+
+            def state_dict(self, *args, destination=None, prefix="", **kwargs):
+                sd = super().state_dict(*args, destination=destination, prefix=prefix, **kwargs)
+                if getattr(self, "quant_format", None) == "fp4_g32":
+                    sd[f"{prefix}comfy_quant"] = comfy_quant_tensor({"format": "fp4_g32", "group_size": 32})
+                return sd
+
+            def forward(self, input, *args, **kwargs):
+                choice = self._wq_choice
+                fmt = getattr(self, "quant_format", None)
+                if (choice is None or fmt is None or getattr(self, "layout_type", None) is None
+                        or choice.path == KITCHEN_MATMUL or input.requires_grad
+                        or getattr(self, "pre_quant_scale", None) is not None
+                        or isinstance(input, QuantizedTensor)):
+                    return super().forward(input, *args, **kwargs)
+                comfy.ops.run_every_op()
+                fast = (choice.path == FP8_MATMUL and fmt in FP8_FORMATS
+                        and not getattr(self, "comfy_force_cast_weights", False)
+                        and len(self.weight_function) == 0 and len(self.bias_function) == 0)
+                with _cast_weights(self, input, want_requant=fast) as (weight, bias):
+                    if isinstance(weight, QuantizedTensor):
+                        tensors = plain_tensors(weight)
+                        if fast:
+                            scale = getattr(self, "input_scale", None)
+                            if scale is not None:
+                                scale = comfy.model_management.cast_to_device(scale, input.device, None)
+                            return linear_fp8_scaled_mm(input, tensors["weight"], tensors["weight_scale"],
+                                                        bias, input_scale=scale)
+                        return linear_dequant(input, fmt, tensors, bias, self._wq_conf)
+                    # already dense: lowvram LoRA functions applied, or a dtype change dequantized it
+                    return torch.nn.functional.linear(input, weight.to(input.dtype), bias)
+
+    WanquantOps.__name__ = "WanquantOps"
+    return WanquantOps, plan
+
+
+__all__ = ["build_operations", "default_compute_dtype", "plain_tensors", "FP4G32_LAYOUT", "DEQUANT", "FP8_MATMUL"]
