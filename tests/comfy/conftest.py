@@ -127,6 +127,8 @@ def comfy_server(tmp_path_factory):
                 "input", "output", "temp", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     os.symlink(REPO, base / "custom_nodes" / "wanquant")
+    # test-only nodes (stand-in conditioning, latent/image statistics output nodes)
+    os.symlink(Path(__file__).resolve().parent / "test_node_pack", base / "custom_nodes" / "wanquant_test_nodes")
     server = ComfyServer(base)
     server.start()
     yield server

@@ -1,0 +1,221 @@
+"""Loader, inspect and remap/convert nodes (ComfyUI V3). Thin: one call into bridge/loaders each."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..errors import WanquantError
+from ..loaders.report_text import report_lines
+from . import bridge
+
+log = logging.getLogger(__name__)
+
+NONE = "(none)"
+MODEL_FOLDER = "diffusion_models"
+SHARD_HINT = "-of-"
+
+
+def model_choices() -> list[str]:
+    """Model files plus sharded indexes found in diffusion_models (and unet), shards hidden."""
+    names = set()
+    index_dirs = set()
+    for root in folder_paths.get_folder_paths(MODEL_FOLDER):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, _, files in os.walk(root, followlinks=True):
+            for f in files:
+                if f.endswith(".index.json"):
+                    rel = os.path.relpath(os.path.join(dirpath, f), root)
+                    names.add(rel.replace(os.sep, "/"))
+                    index_dirs.add(os.path.relpath(dirpath, root))
+    for name in folder_paths.get_filename_list(MODEL_FOLDER):
+        d = os.path.dirname(name) or "."
+        if SHARD_HINT in name and d in index_dirs:
+            continue  # offered through its index
+        names.add(name)
+    return sorted(names)
+
+
+def resolve(name: str) -> str:
+    """Full path of a choice, refusing names that leave the model folders."""
+    for root in folder_paths.get_folder_paths(MODEL_FOLDER):
+        candidate = Path(root, name)
+        try:
+            inside = candidate.resolve().is_relative_to(Path(root).resolve())
+        except OSError:
+            inside = False
+        if inside and candidate.exists():
+            return str(candidate)
+    raise WanquantError(f"'{name}' was not found in the {MODEL_FOLDER} folders",
+                        expected=", ".join(folder_paths.get_folder_paths(MODEL_FOLDER)))
+
+
+def _files_signature(path: str) -> tuple:
+    """(name, size, mtime) of the file(s) behind a choice, so an edited file is reloaded."""
+    p = Path(path)
+    files = [p]
+    if p.name.endswith(".index.json"):
+        files += sorted(p.parent.glob("*.safetensors"))
+    sig = []
+    for f in files:
+        try:
+            st = f.stat()
+            sig.append((str(f), st.st_size, st.st_mtime_ns))
+        except OSError:
+            sig.append((str(f), None, None))
+    return tuple(sig)
+
+
+def _progress_cb(total_hint: int = 0):
+    import comfy.utils
+
+    bar = {"pb": None}
+
+    def update(done: int, total: int) -> None:
+        if bar["pb"] is None:
+            bar["pb"] = comfy.utils.ProgressBar(total)
+        bar["pb"].update_absolute(done, total)
+
+    return update
+
+
+def _policy_tooltip() -> str:
+    return ("How quantized Linears run. auto: fp8 tensor-core matmul with dynamic activation scaling on SM 8.9+, "
+            "NVFP4/MXFP8 kitchen kernels on SM 10+ with a CUDA-13 torch, dequantize-on-the-fly elsewhere (Ampere, CPU). "
+            "dequant / fp8_matmul / kitchen_matmul force a path (an impossible choice stops before sampling). "
+            f"{bridge.NATIVE}: ComfyUI's own ops (fp8 activations clamped at ±448, no FP4 group-32).")
+
+
+class WanQuantLoadDiT(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="WanQuantLoadDiT",
+            display_name="Load Wan DiT (quantized)",
+            category="wanquant/loaders",
+            description="Loads any quantized Wan DiT release (scaled fp8, sibling scales, __fp8_scale, NVFP4/MXFP8, "
+                        "FP4 group-32; native or diffusers keys; single file, sharded index or .pth) as a MODEL, "
+                        "with ops chosen for this GPU, and reports what it found.",
+            inputs=[
+                io.Combo.Input("model_name", options=model_choices(),
+                               tooltip="A file or a sharded *.index.json in models/diffusion_models (or models/unet)."),
+                io.Combo.Input("base_name", options=[NONE, *model_choices()], default=NONE,
+                               tooltip="Base model under a partial finetune (e.g. Wan2.1-T2V-14B under Vista4D): "
+                                       "the finetune's layers replace the base's."),
+                io.Combo.Input("op_policy", options=bridge.policy_options(), default="auto", tooltip=_policy_tooltip()),
+                io.Combo.Input("compute_dtype", options=list(bridge.COMPUTE_DTYPES), default="auto",
+                               tooltip="Activation dtype; auto lets ComfyUI pick for this device (fp16/bf16 on GPU, fp32 on CPU)."),
+                io.Combo.Input("fp4_nibble_order", options=["auto", "low_first", "high_first"], default="auto",
+                               tooltip="FP4 group-32 packing. auto: quantize_config.json beside the file, else low nibble first."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, model_name, base_name=NONE, op_policy="auto", compute_dtype="auto",
+                           fp4_nibble_order="auto"):
+        try:
+            files = _files_signature(resolve(model_name))
+            base = _files_signature(resolve(base_name)) if base_name != NONE else None
+        except WanquantError:
+            return None
+        return (files, base, op_policy, compute_dtype, fp4_nibble_order)
+
+    @classmethod
+    def execute(cls, model_name, base_name=NONE, op_policy="auto", compute_dtype="auto", fp4_nibble_order="auto"):
+        path = resolve(model_name)
+        base = resolve(base_name) if base_name != NONE else None
+        result = bridge.load_wan_model(path, base, op_policy, compute_dtype, fp4_nibble_order, progress=_progress_cb())
+        return io.NodeOutput(result.patcher, result.text)
+
+
+class WanQuantInspect(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="WanQuantInspect",
+            display_name="Inspect checkpoint (wanquant)",
+            category="wanquant/utils",
+            description="Reports container, key style, model family and per-layer formats of a checkpoint without loading it.",
+            inputs=[io.Combo.Input("model_name", options=model_choices(), tooltip="The checkpoint to inspect."),
+                    io.Combo.Input("fp4_nibble_order", options=["auto", "low_first", "high_first"], default="auto",
+                                   tooltip="FP4 group-32 packing to assume (auto reads quantize_config.json).")],
+            outputs=[io.String.Output(display_name="report")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, model_name, fp4_nibble_order="auto"):
+        try:
+            return (_files_signature(resolve(model_name)), fp4_nibble_order)
+        except WanquantError:
+            return None
+
+    @classmethod
+    def execute(cls, model_name, fp4_nibble_order="auto"):
+        from ..loaders.canonical import load_canonical
+
+        rep = load_canonical(resolve(model_name), nibble_order=fp4_nibble_order, collect_errors=True).report
+        text = "\n".join(report_lines(rep))
+        return io.NodeOutput(text, ui={"text": [text]})
+
+
+class WanQuantRemap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="WanQuantRemap",
+            display_name="Remap / convert Wan checkpoint (wanquant)",
+            category="wanquant/utils",
+            description="Turns a Vista4D, WorldStereo or diffusers-keyed checkpoint (optionally over its base) into a "
+                        "native-key model, and optionally saves it as a ComfyUI-native file that stock ComfyUI loads. "
+                        "Extra modules (Vista4D latent_encoder/cam_encoder/projector, WorldStereo controlnet) are kept "
+                        "in the file under their own names and listed in the report.",
+            inputs=[
+                io.Combo.Input("model_name", options=model_choices(), tooltip="Source checkpoint (file or index)."),
+                io.Combo.Input("base_name", options=[NONE, *model_choices()], default=NONE,
+                               tooltip="Base model to overlay a partial finetune on."),
+                io.String.Input("save_as", default="",
+                                tooltip="File name to write into models/diffusion_models (e.g. vista4d_full_fp8). "
+                                        "Empty: do not save, only output the model."),
+                io.Combo.Input("fp4_target", options=["float8_e4m3fn", "bf16", "nvfp4"], default="float8_e4m3fn",
+                               tooltip="What FP4 group-32 layers become in the saved file (stock ComfyUI cannot read FP4 group-32)."),
+                io.Combo.Input("op_policy", options=bridge.policy_options(), default="auto", tooltip=_policy_tooltip()),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), io.String.Output(display_name="report")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, model_name, base_name=NONE, save_as="", fp4_target="float8_e4m3fn", op_policy="auto"):
+        try:
+            base = _files_signature(resolve(base_name)) if base_name != NONE else None
+            return (_files_signature(resolve(model_name)), base, save_as, fp4_target, op_policy)
+        except WanquantError:
+            return None
+
+    @classmethod
+    def execute(cls, model_name, base_name=NONE, save_as="", fp4_target="float8_e4m3fn", op_policy="auto"):
+        from ..loaders.convert import convert
+
+        path = resolve(model_name)
+        base = resolve(base_name) if base_name != NONE else None
+        lines = []
+        if save_as.strip():
+            name = os.path.basename(save_as.strip())
+            if not name.endswith(".safetensors"):
+                name += ".safetensors"
+            dst = os.path.join(folder_paths.get_folder_paths(MODEL_FOLDER)[0], name)
+            res = convert(path, dst, base=base, to=fp4_target, progress=_progress_cb())
+            lines += res.lines()
+        result = bridge.load_wan_model(path, base, op_policy, "auto", "auto", progress=_progress_cb())
+        text = "\n".join(result.report_lines + lines)
+        return io.NodeOutput(result.patcher, text, ui={"text": [text]})
+
+
+NODES = [WanQuantLoadDiT, WanQuantInspect, WanQuantRemap]

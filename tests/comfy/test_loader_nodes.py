@@ -1,0 +1,220 @@
+"""The loader inside a real ComfyUI (skips without COMFYUI_PATH).
+
+In-process (run with ComfyUI's python): every seed format, built tiny (dim 256), becomes a MODEL
+whose denoiser output matches the same model built by ComfyUI from the fp64-dequantized
+reference weights in fp32. Server: the pack imports, /object_info lists the nodes, and an API
+prompt loader → KSampler (2 steps) finishes with status success for every seed format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from fixtures import ref_fp4_g32, ref_fp8, ref_mxfp8, ref_nvfp4, syn, tiny_wan
+
+from wanquant.loaders.synthetic import quantizable_linears
+
+pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
+                                reason="COMFYUI_PATH is not set; real-ComfyUI tests skipped")
+
+OUR_NODES = ("WanQuantLoadDiT", "WanQuantInspect", "WanQuantRemap")
+
+
+def _mixed_formats(sd):
+    fmts = {}
+    for i, l in enumerate(l for l in quantizable_linears(sd) if l.startswith("blocks.")):
+        fmts[l] = ("nvfp4", "mxfp8", "float8_e4m3fn")[i % 3]
+    return fmts
+
+
+def build_seed(kind: str, folder):
+    """(path to load, base path or None, fp64 reference state dict in native keys)."""
+    sd = tiny_wan(seed=11)
+    ref = {k: v.double() for k, v in sd.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def fp8_ref(q, scale_key):
+        out = dict(ref)
+        for k, t in q.items():
+            if t.dtype == torch.float8_e4m3fn:
+                out[k] = ref_fp8(t, q[scale_key(k)].float())
+        return out
+
+    if kind == "kijai_scaled_fp8_diffusers":  # WorldStereo-style
+        q = syn.kijai_scaled_fp8(sd, scale_dtype=torch.bfloat16)
+        path = syn.save(syn.to_diffusers(q), folder / "worldstereo_fp8_e4m3fn_scaled.safetensors")
+        return path, None, fp8_ref(q, lambda k: k[:-7] + ".scale_weight")
+    if kind == "vista4d_sibling_sharded":
+        q = syn.vista4d_fp8(sd)
+        idx = syn.save_sharded(q, folder / "vista4d-fp8", shards=2)
+        return idx, None, fp8_ref(q, lambda k: k + ".scale_weight")
+    if kind == "magihuman_fp8_scale":
+        q = syn.magihuman_fp8(sd, min_numel=60_000)
+        path = syn.save(q, folder / "magi_recipe_wan_fp8.safetensors")
+        return path, None, fp8_ref(q, lambda k: k + ".__fp8_scale")
+    if kind == "comfy_nvfp4_mxfp8_mix":
+        q, _ = syn.comfy_native(sd, _mixed_formats(sd))
+        path = syn.save(q, folder / "wan_nvfp4_mix.safetensors")
+        out = dict(ref)
+        for l, f in _mixed_formats(sd).items():
+            shape = tuple(sd[f"{l}.weight"].shape)
+            if f == "nvfp4":
+                out[f"{l}.weight"] = ref_nvfp4(q[f"{l}.weight"], q[f"{l}.weight_scale"], q[f"{l}.weight_scale_2"], shape)
+            elif f == "mxfp8":
+                out[f"{l}.weight"] = ref_mxfp8(q[f"{l}.weight"], q[f"{l}.weight_scale"], shape)
+            else:
+                out[f"{l}.weight"] = ref_fp8(q[f"{l}.weight"], q[f"{l}.weight_scale"])
+        return path, None, out
+    if kind == "fp4_g32_diffusers":
+        layers = [l for l in quantizable_linears(sd) if l.startswith("blocks.")]
+        q = syn.fp4_g32(sd, layers, order="low_first")
+        path = syn.save(syn.to_diffusers(q), folder / "animate_fp4" / "quantized_transformer.safetensors")
+        out = dict(ref)
+        for l in layers:
+            out[f"{l}.weight"] = ref_fp4_g32(q[f"{l}.weight"], q[f"{l}.weight_scale"], "low_first")
+        return path, None, out
+    if kind == "vista4d_partial_over_base":
+        ft = syn.vista4d_extras(tiny_wan(seed=12), 256, 2)
+        keep = {k: v for k, v in ft.items() if ".self_attn." in k or "cam_encoder" in k or "projector" in k}
+        qf = syn.vista4d_fp8(keep)
+        idx = syn.save_sharded(qf, folder / "vista4d-partial", shards=1)
+        qb = syn.kijai_scaled_fp8(sd, scale_dtype=torch.float32)
+        base = syn.save(qb, folder / "wan2.1_t2v_fp8_scaled.safetensors")
+        out = fp8_ref(qb, lambda k: k[:-7] + ".scale_weight")
+        for k, t in qf.items():
+            if k.startswith("blocks.") and ".self_attn." in k and not k.endswith(".scale_weight"):
+                out[k] = ref_fp8(t, qf[k + ".scale_weight"]) if t.dtype == torch.float8_e4m3fn else t.double()
+        return idx, base, out
+    raise ValueError(kind)
+
+
+SEEDS = ["kijai_scaled_fp8_diffusers", "vista4d_sibling_sharded", "magihuman_fp8_scale",
+         "comfy_nvfp4_mxfp8_mix", "fp4_g32_diffusers", "vista4d_partial_over_base"]
+# Relative error of the denoiser output vs the fp32 model built from the dequantized weights.
+# On CPU every path dequantizes and computes in fp32, so only summation order differs.
+TOLERANCE = {k: 1e-3 for k in SEEDS}
+
+
+def _denoise(patcher, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 1, 8, 8, generator=g)
+    ctx = torch.randn(1, 8, 4096, generator=g)
+    t = torch.tensor([0.6])
+    with torch.inference_mode():
+        return patcher.model.apply_model(x, t, c_crossattn=ctx).float()
+
+
+@pytest.mark.parametrize("kind", SEEDS)
+@pytest.mark.parametrize("policy", ["auto", "comfy_native"])
+def test_denoiser_matches_dequantized_reference(comfy_inprocess, tmp_path, kind, policy):
+    import comfy.sd
+
+    from wanquant.nodes.bridge import load_wan_model
+
+    if policy == "comfy_native" and kind == "fp4_g32_diffusers":
+        pytest.skip("FP4 group-32 needs wanquant's ops by design")
+    path, base, ref = build_seed(kind, tmp_path)
+    with torch.inference_mode():
+        res = load_wan_model(str(path), str(base) if base else None, policy=policy)
+        ref_patcher = comfy.sd.load_diffusion_model_state_dict({k: v.float() for k, v in ref.items()},
+                                                               model_options={"dtype": torch.float32})
+    out, want = _denoise(res.patcher), _denoise(ref_patcher)
+    rel = float((out - want).norm() / want.norm())
+    assert torch.isfinite(out).all()
+    assert rel < TOLERANCE[kind], (kind, rel, res.text)
+    assert "Wan" in res.text and "layers:" in res.text
+
+
+def test_partial_without_base_is_one_clear_error(comfy_inprocess, tmp_path):
+    from wanquant.errors import WanquantError
+    from wanquant.nodes.bridge import load_wan_model
+
+    idx, base, _ = build_seed("vista4d_partial_over_base", tmp_path)
+    with pytest.raises(WanquantError) as e:
+        load_wan_model(str(idx), None, policy="comfy_native")
+    msg = str(e.value)
+    assert "partial Vista4D finetune" in msg and "base" in msg and str(idx) in msg
+    assert "of 28 Wan block weights missing" in msg
+
+
+def test_cached_patcher_init_rebuilds(comfy_inprocess, tmp_path):
+    from wanquant.nodes.bridge import load_wan_model
+
+    path, _, _ = build_seed("kijai_scaled_fp8_diffusers", tmp_path)
+    with torch.inference_mode():
+        res = load_wan_model(str(path), policy="comfy_native")
+        factory, args = res.patcher.cached_patcher_init
+        again = factory(*args, disable_dynamic=True)
+    assert again is not res.patcher and again.model is not res.patcher.model
+    assert torch.equal(_denoise(again), _denoise(res.patcher))
+
+
+def test_worldstereo_controlnet_branch_listed(comfy_inprocess, tmp_path):
+    from wanquant.nodes.bridge import load_wan_model
+
+    d = syn.to_diffusers(tiny_wan(i2v=True, in_dim=36))
+    d["controlnet.proj_out.0.weight"] = torch.randn(256, 256).bfloat16()
+    d["controlnet.controlnet_blocks.0.self_attn.to_q.weight"] = torch.randn(256, 256).bfloat16()
+    path = syn.save(syn.kijai_scaled_fp8(d), tmp_path / "ws.safetensors")
+    with torch.inference_mode():
+        res = load_wan_model(str(path), policy="comfy_native")
+    assert "worldstereo_controlnet" in res.text
+    assert "controlnet.proj_out.0.weight" in res.patcher.model.wanquant_extras
+    assert type(res.patcher.model).__name__ == "WAN21" and "I2V" in res.text
+
+
+# ---------------------------------------------------------------- server
+
+def test_pack_imports_and_lists_nodes(comfy_server):
+    log = comfy_server.log()
+    assert "IMPORT FAILED" not in log or "wanquant" not in log.split("IMPORT FAILED")[1][:300], log[-3000:]
+    info = comfy_server.get_json("/object_info")
+    for node in OUR_NODES:
+        assert node in info, node
+        spec = info[node]
+        assert spec["category"].startswith("wanquant/")
+        for name, value in spec["input"]["required"].items():
+            assert value[1].get("tooltip"), (node, name)
+
+
+def _prompt(model_name, base_name="(none)", policy="auto", seed=0):
+    return {
+        "1": {"class_type": "WanQuantLoadDiT", "inputs": {"model_name": model_name, "base_name": base_name,
+                                                          "op_policy": policy, "compute_dtype": "auto",
+                                                          "fp4_nibble_order": "auto"}},
+        "2": {"class_type": "WanQuantTestConditioning", "inputs": {"seed": seed, "tokens": 8, "width": 4096}},
+        "3": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 1, "batch_size": 1}},
+        "4": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": 2, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "simple", "positive": ["2", 0],
+                                                   "negative": ["2", 0], "latent_image": ["3", 0], "denoise": 1.0}},
+        "5": {"class_type": "WanQuantTestLatentStats", "inputs": {"samples": ["4", 0]}},
+    }
+
+
+@pytest.mark.parametrize("kind", SEEDS)
+def test_prompt_runs_for_every_seed_format(comfy_server, tmp_path, kind):
+    folder = comfy_server.models / "diffusion_models" / kind
+    if folder.exists():
+        shutil.rmtree(folder)
+    path, base, _ = build_seed(kind, folder)
+    rel = lambda p: str(p.relative_to(comfy_server.models / "diffusion_models"))  # noqa: E731
+    prompt = _prompt(rel(path), rel(base) if base else "(none)")
+    hist = comfy_server.run_prompt(prompt)
+    assert hist["status"]["status_str"] == "success", json.dumps(hist["status"])[:3000]
+    stats = hist["outputs"]["5"]["stats"][0]
+    assert stats["finite"] and stats["shape"] == [1, 16, 1, 8, 8]
+
+
+def test_bad_file_ends_prompt_with_one_clear_message(comfy_server, tmp_path):
+    folder = comfy_server.models / "diffusion_models" / "bad"
+    folder.mkdir(parents=True, exist_ok=True)
+    idx, _, _ = build_seed("vista4d_partial_over_base", folder)
+    hist = comfy_server.run_prompt(_prompt(str(idx.relative_to(comfy_server.models / "diffusion_models"))))
+    assert hist["status"]["status_str"] == "error"
+    err = [m for m in hist["status"]["messages"] if m[0] == "execution_error"][0][1]
+    assert "partial Vista4D finetune" in err["exception_message"] and "base" in err["exception_message"]
+    assert comfy_server.get_json("/system_stats")  # ComfyUI keeps running
