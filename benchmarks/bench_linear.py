@@ -1,0 +1,136 @@
+"""Benchmark wanquant's linear paths on Wan 14B shapes; prints ratios measured in this run.
+
+    python -m wanquant.benchmarks.bench_linear            # GPU if present, else CPU (small M)
+    python -m wanquant.benchmarks.bench_linear --m 512 --device cpu
+
+Shapes: x [M, K] through q/k/v/o (5120x5120) and the FFN (5120->13824, 13824->5120); on a GPU
+M = 32760 (81 frames 480x832 after patching). Per path: time as a ratio to bf16 dense F.linear
+with the weight already in bf16 (and, on CPU, to fp32 dense, the fastest dense CPU baseline),
+peak extra memory over the inputs, and the relative error against an fp64 reference
+``x @ W_deq.T`` on the first rows (W_deq = the fp64 dequantized weight of that format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.formats import get_format
+from ..ops.linear import linear_dequant, linear_fp8_scaled_mm, linear_kitchen
+from ..ops.policy import choose, probe_device
+
+SHAPES = {"qkvo 5120x5120": (5120, 5120), "ffn.0 5120->13824": (13824, 5120), "ffn.2 13824->5120": (5120, 13824)}
+FORMATS = ("float8_e4m3fn", "nvfp4", "mxfp8", "fp4_g32")
+REF_ROWS = 128
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, dev, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) if dev.type == "cuda" else min(times)
+
+
+def peak_extra(fn, dev):
+    """Peak bytes allocated during fn beyond what was allocated before (CUDA only)."""
+    if dev.type != "cuda":
+        return None
+    _sync(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    before = torch.cuda.memory_allocated(dev)
+    out = fn()
+    _sync(dev)
+    peak = torch.cuda.max_memory_allocated(dev) - before
+    del out
+    return peak
+
+
+def rel(y, ref):
+    return float((y[:REF_ROWS].double() - ref).norm() / ref.norm())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--m", type=int, default=None, help="activation rows (default 32760 GPU, 512 CPU)")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of shape names")
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--cpu-fp8-matmul", action="store_true", help="also time the emulated fp8 matmul on CPU")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    gpu = dev.type == "cuda"
+    m = args.m or (32760 if gpu else 512)
+    reps = args.reps or (10 if gpu else 3)
+    caps = probe_device(dev)
+    print(f"device: {caps.describe()}  torch {torch.__version__}  M={m}  threads={torch.get_num_threads()}")
+    compute = torch.bfloat16 if gpu else torch.float32
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for sname in args.shapes.split(","):
+        n, k = SHAPES[sname]
+        w = (torch.randn(n, k, generator=g) * 0.02).to(dev)
+        x = (torch.randn(m, k, generator=g) * 2).to(dev)
+        xb, xf = x.to(torch.bfloat16), x.float()
+        wb = w.to(torch.bfloat16)
+        t_bf16 = timed(lambda: F.linear(xb, wb), dev, 2, reps)
+        base = {"bf16": t_bf16}
+        if not gpu:
+            wf = w.float()
+            base["fp32"] = timed(lambda: F.linear(xf, wf), dev, 1, reps)
+            del wf
+        print(f"\n{sname}: bf16 dense {t_bf16 * 1e3:.2f} ms" +
+              (f", fp32 dense {base['fp32'] * 1e3:.2f} ms" if "fp32" in base else ""))
+        xin = xb if gpu else xf
+        for fmt in args.formats.split(","):
+            f = get_format(fmt)
+            t, conf = f.quantize(w)
+            conf = dict(conf, orig_shape=[n, k])
+            w64 = f.dequantize(t, conf=conf).double()
+            ref = x[:REF_ROWS].double() @ w64.T
+            werr = float((w64 - w.double()).norm() / w.double().norm())
+            bf_err = rel(F.linear(xb[:REF_ROWS], w64.to(torch.bfloat16)), ref)
+            paths = {"dequant": lambda: linear_dequant(xin, fmt, t, None, conf)}
+            if fmt == "float8_e4m3fn" and (gpu or args.cpu_fp8_matmul):
+                paths["fp8_matmul dynamic"] = lambda: linear_fp8_scaled_mm(xin, t["weight"], t["weight_scale"])
+                paths["fp8_matmul scale=1 (ComfyUI)"] = lambda: linear_fp8_scaled_mm(
+                    xin, t["weight"], t["weight_scale"], input_scale=torch.tensor(1.0, device=dev))
+            if fmt in ("nvfp4", "mxfp8") and choose(fmt, caps).path == "kitchen_matmul":
+                paths["kitchen_matmul"] = lambda: linear_kitchen(xin, fmt, t, None, conf)
+            print(f"  {fmt}: weight rel err {werr:.4f}; bf16 dense (same W) output rel err {bf_err:.5f}")
+            for pname, fn in paths.items():
+                try:
+                    tp = timed(fn, dev, 2 if gpu else 1, reps)
+                    mem = peak_extra(fn, dev)
+                    err = rel(fn()[:REF_ROWS], ref)
+                except Exception as exc:  # noqa: BLE001 - report and continue with the other paths
+                    print(f"    {pname:32s} failed: {type(exc).__name__}: {exc}")
+                    continue
+                ratios = "  ".join(f"{tp / tb:5.2f}x {b}" for b, tb in base.items())
+                memtxt = f"{mem / 2**20:8.1f} MiB extra" if mem is not None else ""
+                print(f"    {pname:32s} {tp * 1e3:9.2f} ms  {ratios}  speedup vs bf16 {t_bf16 / tp:5.2f}  "
+                      f"rel err {err:.5f}  {memtxt}")
+                rows.append((sname, fmt, pname, tp / t_bf16, err))
+        del w, x, xb, xf, wb
+        if gpu:
+            torch.cuda.empty_cache()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
