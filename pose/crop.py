@@ -74,11 +74,10 @@ def crop_input(frame: np.ndarray, cb: CropBox, input_hw: tuple[int, int] = (256,
     img = cv2.resize(win, (input_hw[1], input_hw[0]), interpolation=cv2.INTER_LINEAR)
     if img.ndim == 2:
         img = img[:, :, None]
-    if bgr:
-        img = img[:, :, ::-1]
-    img = img * _SCALE + _OFFSET
-    chw = img.transpose(2, 0, 1)
     if out is None:
-        return np.ascontiguousarray(chw, dtype=np.float32)
-    out[...] = chw
+        out = np.empty((3,) + tuple(input_hw), dtype=np.float32)
+    order = (2, 1, 0) if bgr else (0, 1, 2)
+    for c, src in enumerate(order):  # normalise straight into the CHW batch slot
+        np.multiply(img[:, :, src], _SCALE[c], out=out[c])
+        out[c] += _OFFSET[c]
     return out

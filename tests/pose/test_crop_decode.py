@@ -131,6 +131,10 @@ def test_vectorised_decode_equals_the_per_keypoint_reference():
             maps[i, j] = rng.uniform(0.2, 1.2) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s))
             maps[i, j] += rng.normal(0, 0.01, size=(64, 48))
     maps[0, 7] = 0.0
+    # a faint peak: its blurred values sit under the 1e-10 log floor until rescaled to the
+    # original maximum, so the rescale factor really matters here
+    maps[1, 9] = 2e-10 * np.exp(-((xx - 20.3) ** 2 + (yy - 30.6) ** 2) / 8)
+    maps[1, 10] = np.where((xx - 30) ** 2 + (yy - 12) ** 2 < 2, 1e-9, 0.0)
     centers = np.array([[300.0, 200.0], [50.5, 60.25]])
     sizes = np.array([[150.0, 200.0], [90.0, 120.0]])
     got = decode.decode(maps, centers, sizes)
