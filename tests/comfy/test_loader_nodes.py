@@ -218,3 +218,28 @@ def test_bad_file_ends_prompt_with_one_clear_message(comfy_server, tmp_path):
     err = [m for m in hist["status"]["messages"] if m[0] == "execution_error"][0][1]
     assert "partial Vista4D finetune" in err["exception_message"] and "base" in err["exception_message"]
     assert comfy_server.get_json("/system_stats")  # ComfyUI keeps running
+
+
+def test_changed_file_or_policy_reloads_nothing_stale(comfy_server, tmp_path):
+    folder = comfy_server.models / "diffusion_models" / "reload"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "wan_fp8.safetensors"
+    rel = str(path.relative_to(comfy_server.models / "diffusion_models"))
+
+    def write(seed):
+        syn.save(syn.kijai_scaled_fp8(tiny_wan(seed=seed), scale_dtype=torch.float32), path)
+
+    def run(policy="auto"):
+        hist = comfy_server.run_prompt(_prompt(rel, policy=policy))
+        assert hist["status"]["status_str"] == "success", json.dumps(hist["status"])[:2000]
+        return hist["outputs"]["5"]["stats"][0]["checksum"]
+
+    write(1)
+    first = run()
+    assert run() == first  # same file, same inputs: same result
+    write(2)  # same name, new content
+    second = run()
+    assert second != first
+    write(1)
+    assert run() == pytest.approx(first, rel=1e-6)
+    assert run("comfy_native") == pytest.approx(first, rel=1e-3)  # policy change rebuilds; CPU paths agree

@@ -1,0 +1,36 @@
+"""Architecture rules anyone can check: only nodes/ (and __init__.py) import ComfyUI; the pack
+imports cleanly and silently without ComfyUI; imports inside the pack are relative."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFY_IMPORT = re.compile(r"^\s*(import comfy\b(?!_)|from comfy\b(?!_)|import folder_paths|from folder_paths)", re.M)
+ABS_PACK_IMPORT = re.compile(r"^\s*(import|from) (nodes|ops|loaders|pose)\b", re.M)
+
+
+def _py(*parts):
+    for part in parts:
+        p = ROOT / part
+        yield from ([p] if p.is_file() else sorted(p.rglob("*.py")))
+
+
+def test_only_nodes_import_comfy():
+    offenders = [str(p.relative_to(ROOT)) for p in _py("ops", "loaders", "pose", "cli.py", "benchmarks", "errors.py")
+                 if COMFY_IMPORT.search(p.read_text())]
+    assert offenders == []
+
+
+def test_no_absolute_imports_of_pack_modules():
+    offenders = [str(p.relative_to(ROOT)) for p in _py("__init__.py", "nodes", "ops", "loaders", "pose", "cli.py")
+                 if ABS_PACK_IMPORT.search(p.read_text())]
+    assert offenders == []
+
+
+def test_package_imports_without_comfyui_silently():
+    proc = subprocess.run([sys.executable, "-c", "import wanquant, wanquant.loaders.canonical, wanquant.ops.policy; "
+                           "print(hasattr(wanquant, 'comfy_entrypoint'))"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False" and proc.stderr == ""
