@@ -33,6 +33,10 @@ def server(comfy_server):
     vitpose_const(det / "wq_fake_vitpose.onnx", gaussian_maps(BLOBS))
     (det / "wq_fake_data.bin").write_bytes(b"\0" * 16)           # must never be offered
     (det / "wq_broken.onnx").write_bytes(b"not a protobuf" * 10)
+    ckpt = comfy_server.models / "checkpoints"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "wq_not_a_checkpoint.onnx").write_bytes(b"\0" * 16)   # must stay out of checkpoint lists
+    (ckpt / "wq_listed.safetensors").write_bytes(b"\0" * 16)      # proves the listing is live
     return comfy_server
 
 
@@ -79,6 +83,10 @@ def test_nodes_registered_with_onnx_only_combos(server):
     det_opts = info["WanQuantPoseModelLoader"]["input"]["required"]["detector"][1]["options"]
     assert det_opts[0] == "yolov10m (auto-download)"
     assert "wq_fake_det.onnx" in det_opts and "wq_fake_data.bin" not in det_opts
+    # .onnx was added to the detection folder only, not to ComfyUI's shared extension set
+    ckpts = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"]
+    ckpt_opts = ckpts[1]["options"] if isinstance(ckpts[1], dict) and "options" in ckpts[1] else ckpts[0]
+    assert "wq_listed.safetensors" in ckpt_opts and "wq_not_a_checkpoint.onnx" not in ckpt_opts
     # every input carries a tooltip
     for node in ("WanQuantPoseModelLoader", "WanQuantPoseDetect", "WanQuantDrawPose"):
         spec = info[node]["input"]

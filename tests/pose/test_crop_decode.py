@@ -1,6 +1,5 @@
 """Crop geometry and DARK decoding against hand-computed numbers (POSE.md §5)."""
 
-import math
 
 import cv2
 import numpy as np

@@ -35,6 +35,7 @@ def test_auto_without_cuda_uses_cpu(yolo_path):
     assert sessions.open_model(yolo_path, "detector", "auto").providers == ["CPUExecutionProvider"]
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
 def test_cuda_request_on_cpu_onnxruntime_warns_and_runs_on_cpu(yolo_path, caplog):
     import onnxruntime as ort
     if sessions.CUDA in ort.get_available_providers():
