@@ -413,7 +413,7 @@ def match_lora(lora: LoraFile, model_shapes: Mapping[str, tuple[int, ...]], *, s
         if target.startswith("~"):  # underscore name not in Wan's table: try the model's own modules
             if us_names is None:
                 us_names = _underscore_index(shapes)
-            resolved = us_names.get(target[1:])
+            resolved = _resolve_underscore(target[1:], us_names)
             if resolved is None:
                 missing_targets.append(p)
                 continue
@@ -438,7 +438,7 @@ def match_lora(lora: LoraFile, model_shapes: Mapping[str, tuple[int, ...]], *, s
                             expected=f"{p.target} {list(shape)}", found=got)
     for p in missing_targets:
         tgt = p.target.lstrip("~")
-        unmatched.append((p.keys[0], f"model has no {tgt}"))
+        unmatched.extend((k, f"model has no {tgt}") for k in p.keys)
     warnings = _variant_warnings(missing_targets, shapes)
     if not patches and not allow_empty:
         first = unmatched[0] if unmatched else ("(empty file)", "no keys")
@@ -457,11 +457,23 @@ def _retarget(p: LoraPatch, target: str) -> LoraPatch:
 
 
 def _underscore_index(shapes: Mapping[str, tuple]) -> dict[str, str]:
-    out = {}
+    """underscored module (or parameter) name → its dotted name, for every model key."""
+    out: dict[str, str] = {}
     for k in shapes:
-        mod = k[: -len(".weight")] if k.endswith(".weight") else k
-        out.setdefault(mod.replace(".", "_"), k if not k.endswith(".weight") else mod + ".weight")
+        out.setdefault(k.replace(".", "_"), k)
+        if "." in k:
+            mod = k.rsplit(".", 1)[0]
+            out.setdefault(mod.replace(".", "_"), mod)
     return out
+
+
+def _resolve_underscore(target: str, index: Mapping[str, str]) -> str | None:
+    """``blocks_0_projector.weight`` → ``blocks.0.projector.weight`` if the model has that module."""
+    for suffix in (".weight", ".bias", ".modulation"):
+        if target.endswith(suffix):
+            mod = index.get(target[: -len(suffix)])
+            return mod + suffix if mod is not None else None
+    return index.get(target)
 
 
 def _variant_warnings(missing: list[LoraPatch], shapes: Mapping[str, tuple]) -> list[str]:
