@@ -325,7 +325,7 @@ def overlay(finetune: CanonicalModel, base: CanonicalModel) -> CanonicalModel:
     report.remapped = fr.remapped + base.report.remapped
     report.base = base.report
     n_over = len([k for k in finetune.entries if k in base.entries])
-    report.notes = list(fr.notes) + [f"overlaid on base {base.report.path}: {n_over} base tensors replaced, "
+    report.notes = [n for n in fr.notes if "block weights missing" not in n] + [f"overlaid on base {base.report.path}: {n_over} base tensors replaced, "
                                      f"{len(replaced_layers)} finetune layers"]
     fam = recognise({k: e.shape for k, e in entries.items()})
     _fill_family(report, fam)

@@ -148,9 +148,11 @@ def _report_lines(model: CanonicalModel, extras: list[str], policy: str, plan, p
     if policy == NATIVE:
         lines.append(f"ops: ComfyUI's own mixed-precision ops on {dev} (policy '{NATIVE}')")
     elif plan is not None:
-        summary = getattr(plan, "summary", None)
-        lines.append(f"ops on {dev}: " + (summary() if callable(summary) else str(summary or plan)))
-    if dtype is not None:
+        plan.finalize()
+        lines.append(plan.report().splitlines()[0])
+        lines.append(f"ops: {plan.summary()}")
+        log.info("per-layer op plan:\n%s", plan.report())
+    if dtype is not None and plan is None:
         lines.append(f"compute dtype: {str(dtype).replace('torch.', '')}")
     if rep.nibble_order:
         lines.append(f"FP4 nibble order: {rep.nibble_order}")

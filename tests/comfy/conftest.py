@@ -143,7 +143,8 @@ def comfy_inprocess():
     if COMFYUI_PATH not in sys.path:
         sys.path.insert(0, COMFYUI_PATH)
     if STUBS not in sys.path:
-        sys.path.append(STUBS)
+        # first, so the torchaudio stand-in wins over a CUDA torchaudio that cannot import here
+        sys.path.insert(0, STUBS)
     try:
         from comfy.cli_args import args
     except ImportError as exc:

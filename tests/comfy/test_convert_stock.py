@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from test_loader_nodes import SEEDS, _denoise, build_seed  # noqa: E402  (same folder)
+from fixtures import SEEDS, build_seed, denoise as _denoise
 
 from wanquant.loaders.convert import convert
 

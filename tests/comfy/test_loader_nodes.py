@@ -14,98 +14,12 @@ import shutil
 
 import pytest
 import torch
-from fixtures import ref_fp4_g32, ref_fp8, ref_mxfp8, ref_nvfp4, syn, tiny_wan
-
-from wanquant.loaders.synthetic import quantizable_linears
+from fixtures import SEEDS, TOLERANCE, build_seed, denoise as _denoise, syn, tiny_wan
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
                                 reason="COMFYUI_PATH is not set; real-ComfyUI tests skipped")
 
 OUR_NODES = ("WanQuantLoadDiT", "WanQuantInspect", "WanQuantRemap")
-
-
-def _mixed_formats(sd):
-    fmts = {}
-    for i, l in enumerate(l for l in quantizable_linears(sd) if l.startswith("blocks.")):
-        fmts[l] = ("nvfp4", "mxfp8", "float8_e4m3fn")[i % 3]
-    return fmts
-
-
-def build_seed(kind: str, folder):
-    """(path to load, base path or None, fp64 reference state dict in native keys)."""
-    sd = tiny_wan(seed=11)
-    ref = {k: v.double() for k, v in sd.items()}
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def fp8_ref(q, scale_key):
-        out = dict(ref)
-        for k, t in q.items():
-            if t.dtype == torch.float8_e4m3fn:
-                out[k] = ref_fp8(t, q[scale_key(k)].float())
-        return out
-
-    if kind == "kijai_scaled_fp8_diffusers":  # WorldStereo-style
-        q = syn.kijai_scaled_fp8(sd, scale_dtype=torch.bfloat16)
-        path = syn.save(syn.to_diffusers(q), folder / "worldstereo_fp8_e4m3fn_scaled.safetensors")
-        return path, None, fp8_ref(q, lambda k: k[:-7] + ".scale_weight")
-    if kind == "vista4d_sibling_sharded":
-        q = syn.vista4d_fp8(sd)
-        idx = syn.save_sharded(q, folder / "vista4d-fp8", shards=2)
-        return idx, None, fp8_ref(q, lambda k: k + ".scale_weight")
-    if kind == "magihuman_fp8_scale":
-        q = syn.magihuman_fp8(sd, min_numel=60_000)
-        path = syn.save(q, folder / "magi_recipe_wan_fp8.safetensors")
-        return path, None, fp8_ref(q, lambda k: k + ".__fp8_scale")
-    if kind == "comfy_nvfp4_mxfp8_mix":
-        q, _ = syn.comfy_native(sd, _mixed_formats(sd))
-        path = syn.save(q, folder / "wan_nvfp4_mix.safetensors")
-        out = dict(ref)
-        for l, f in _mixed_formats(sd).items():
-            shape = tuple(sd[f"{l}.weight"].shape)
-            if f == "nvfp4":
-                out[f"{l}.weight"] = ref_nvfp4(q[f"{l}.weight"], q[f"{l}.weight_scale"], q[f"{l}.weight_scale_2"], shape)
-            elif f == "mxfp8":
-                out[f"{l}.weight"] = ref_mxfp8(q[f"{l}.weight"], q[f"{l}.weight_scale"], shape)
-            else:
-                out[f"{l}.weight"] = ref_fp8(q[f"{l}.weight"], q[f"{l}.weight_scale"])
-        return path, None, out
-    if kind == "fp4_g32_diffusers":
-        layers = [l for l in quantizable_linears(sd) if l.startswith("blocks.")]
-        q = syn.fp4_g32(sd, layers, order="low_first")
-        path = syn.save(syn.to_diffusers(q), folder / "animate_fp4" / "quantized_transformer.safetensors")
-        out = dict(ref)
-        for l in layers:
-            out[f"{l}.weight"] = ref_fp4_g32(q[f"{l}.weight"], q[f"{l}.weight_scale"], "low_first")
-        return path, None, out
-    if kind == "vista4d_partial_over_base":
-        ft = syn.vista4d_extras(tiny_wan(seed=12), 256, 2)
-        keep = {k: v for k, v in ft.items() if ".self_attn." in k or "cam_encoder" in k or "projector" in k}
-        qf = syn.vista4d_fp8(keep)
-        idx = syn.save_sharded(qf, folder / "vista4d-partial", shards=1)
-        qb = syn.kijai_scaled_fp8(sd, scale_dtype=torch.float32)
-        base = syn.save(qb, folder / "wan2.1_t2v_fp8_scaled.safetensors")
-        out = fp8_ref(qb, lambda k: k[:-7] + ".scale_weight")
-        for k, t in qf.items():
-            if k.startswith("blocks.") and ".self_attn." in k and not k.endswith(".scale_weight"):
-                out[k] = ref_fp8(t, qf[k + ".scale_weight"]) if t.dtype == torch.float8_e4m3fn else t.double()
-        return idx, base, out
-    raise ValueError(kind)
-
-
-SEEDS = ["kijai_scaled_fp8_diffusers", "vista4d_sibling_sharded", "magihuman_fp8_scale",
-         "comfy_nvfp4_mxfp8_mix", "fp4_g32_diffusers", "vista4d_partial_over_base"]
-# Relative error of the denoiser output vs the fp32 model built from the dequantized weights.
-# On CPU every path dequantizes and computes in fp32, so only summation order differs.
-TOLERANCE = {k: 1e-3 for k in SEEDS}
-
-
-def _denoise(patcher, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, 1, 8, 8, generator=g)
-    ctx = torch.randn(1, 8, 4096, generator=g)
-    t = torch.tensor([0.6])
-    with torch.inference_mode():
-        return patcher.model.apply_model(x, t, c_crossattn=ctx).float()
 
 
 @pytest.mark.parametrize("kind", SEEDS)
