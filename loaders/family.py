@@ -66,7 +66,7 @@ def recognise(shapes: dict[str, tuple[int, ...]]) -> Family:
     elif in_dim is None and dim == 5120:
         variant = "Wan2.1-T2V-14B family (patch embedding absent)"
     else:
-        variant = f"Wan2.1-T2V{size} (or a Wan2.2-A14B T2V expert)" if dim == 5120 else f"Wan T2V{size}"
+        variant = f"Wan2.1-T2V{size} (or a Wan2.2-A14B T2V expert)" if dim == 5120 else f"Wan2.1-T2V{size}"
     if "vista4d" in fam.extras:
         variant = "Vista4D finetune of Wan2.1-T2V-14B"
     if "worldstereo_controlnet" in fam.extras:
