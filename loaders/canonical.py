@@ -147,8 +147,18 @@ def _nibble_order(src: Source, override: str | None) -> tuple[str, str]:
     return "low_first", "default (compressed-tensors convention; override with nibble_order)"
 
 
+PART_MARK = "@part"
+
+
 def _map_keys(keys, style: str, file: str) -> tuple[dict[str, str], list[str]]:
-    """source key (prefix stripped) → canonical key; plus unrecognised keys kept as they are."""
+    """source key (prefix stripped) → canonical key; plus unrecognised keys kept as they are.
+
+    Animate's diffusers ``face_adapter.N.to_k`` / ``to_v`` both become rows of the native fused
+    ``linear1_kv``: they are mapped to temporary ``<module>@partI`` modules here and fused after
+    per-layer detection (``_fuse_parts``), so each part's format is known before fusing."""
+    from .animate_keys import layout_change
+    from .detect import _split
+
     mapping: dict[str, str] = {}
     unrecognised: list[str] = []
     for k in keys:
@@ -158,6 +168,10 @@ def _map_keys(keys, style: str, file: str) -> tuple[dict[str, str], list[str]]:
         new, ok = keymap.map_diffusers_key(k)
         if not ok:
             unrecognised.append(k)
+        change = layout_change(k) if ok else None
+        if change is not None and change.kind == "concat_rows":
+            module, _ = _split(new)
+            new = f"{module}{PART_MARK}{change.part}{new[len(module):]}"
         mapping[k] = new
     seen: dict[str, str] = {}
     for old, new in mapping.items():
@@ -192,7 +206,7 @@ def canonical_from_source(src: Source, *, nibble_order: str | None = None,
     report.remapped = sum(1 for o, n in mapping.items() if o != n)
     if prefix:
         report.notes.append(f"prefix '{prefix}' removed")
-    tensors = {mapping[k]: ref for k, ref in stripped.items()}
+    tensors = {mapping[k]: _reshaped(k, ref) if style == "diffusers" else ref for k, ref in stripped.items()}
 
     header_conf = {}
     for layer, conf in _header_quant_layers(src.metadata, file).items():
@@ -202,6 +216,7 @@ def canonical_from_source(src: Source, *, nibble_order: str | None = None,
 
     order, order_src = _nibble_order(src, nibble_order)
     det = detect_layers(tensors, file, header_conf=header_conf, nibble_order=order, collect_errors=collect_errors)
+    _fuse_parts(det, file, report, order)
     report.errors = [str(e) for e in det.errors]
     if any(l.format == "fp4_g32" for l in det.layers.values()):
         report.nibble_order = f"{order} ({order_src})"
@@ -220,6 +235,76 @@ def canonical_from_source(src: Source, *, nibble_order: str | None = None,
                                f"(first: {unrecognised[0]})")
     report.total_bytes = sum(e.nbytes for e in entries.values())
     return CanonicalModel(entries, det.layers, report, src)
+
+
+def _reshaped(source_key: str, ref: TensorRef) -> TensorRef:
+    """Animate motion-encoder activation biases are [C] in diffusers, [1, C, 1, 1] native."""
+    from .animate_keys import layout_change
+
+    change = layout_change(source_key)
+    if change is None or change.kind != "unsqueeze_bias":
+        return ref
+    return TensorRef(ref.key, (1, ref.shape[0], 1, 1), ref.dtype, ref.file, lambda: ref.load().reshape(1, -1, 1, 1))
+
+
+def _concat_ref(refs: list[TensorRef]) -> TensorRef:
+    shape = (sum(r.shape[0] for r in refs), *refs[0].shape[1:])
+    return TensorRef("+".join(r.key for r in refs), shape, refs[0].dtype, refs[0].file,
+                     lambda: torch.cat([r.load() for r in refs], 0))
+
+
+def _fuse_parts(det: Detection, file: str, report: Report, order: str) -> None:
+    """Fuse ``X@part0`` / ``X@part1`` layers into one native layer X (rows of k, then v).
+
+    Same plain dtype, or FP4 group-32 (row-wise scales): concatenated exactly. Anything with one
+    scale per tensor (fp8, NVFP4's global scale) cannot share rows exactly, so that layer is
+    dequantized to fp32 and the report says so."""
+    groups: dict[str, dict[int, Layer]] = {}
+    for name in [n for n in det.layers if PART_MARK in n]:
+        base, part = name.split(PART_MARK)
+        groups.setdefault(base, {})[int(part)] = det.layers.pop(name)
+    for base, parts in groups.items():
+        ordered = [parts[i] for i in sorted(parts)]
+        if len(ordered) != 2 or sorted(parts) != [0, 1]:
+            det.errors.append(WanquantError("fused k/v layer is missing one of its parts", file=file, layer=base,
+                                            expected="both to_k and to_v", found=f"parts {sorted(parts)}"))
+            continue
+        fmts = {l.format for l in ordered}
+        biases = [l.others.get("bias") for l in ordered]
+        others = {"bias": _concat_ref(biases)} if all(biases) else {}
+        if len(fmts) == 1 and (not ordered[0].quantized or ordered[0].format == "fp4_g32"):
+            weight = _concat_ref([l.weight for l in ordered])
+            sides = {r: _concat_ref([l.sides[r] for l in ordered]) for r in ordered[0].sides}
+            fused = Layer(base, ordered[0].format, ordered[0].spelling + " (k/v fused)", weight, sides,
+                          dict(ordered[0].conf), others)
+        else:
+            weight = _dequant_concat(ordered, order)
+            fused = Layer(base, "fp32", "k/v fused, dequantized to fp32 (per-tensor scales differ)", weight, {}, {}, others)
+            report.notes.append(f"{base}: to_k/to_v stored as {'/'.join(sorted(fmts))} with separate scales; "
+                                "fused into linear1_kv in fp32")
+        det.layers[base] = fused
+
+
+def _dequant_concat(layers: list[Layer], order: str) -> TensorRef:
+    from ..ops.formats import get_format
+
+    def load():
+        rows = []
+        for l in layers:
+            ents = {e.key.rsplit(".", 1)[1]: e.load() for e in _layer_entries(l, order)}
+            if l.quantized:
+                rows.append(get_format(l.format).dequantize(ents, torch.float32, dict(l.conf)))
+            else:
+                rows.append(ents["weight"].float())
+        return torch.cat(rows, 0)
+
+    w0 = layers[0].weight
+    out = sum(l.weight.shape[0] for l in layers) if layers[0].format not in ("nvfp4", "mxfp8", "fp4_g32") else None
+    n = out if out is not None else sum(int(l.conf.get("orig_shape", [l.weight.shape[0]])[0]) for l in layers)
+    k = w0.shape[1] * (2 if layers[0].format in ("nvfp4", "fp4_g32") else 1)
+    if layers[0].conf.get("orig_shape"):
+        k = int(layers[0].conf["orig_shape"][1])
+    return TensorRef("+".join(l.weight.key for l in layers), (n, k), torch.float32, w0.file, load)
 
 
 def _fill_family(report: Report, fam: Family) -> None:
