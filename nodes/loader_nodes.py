@@ -210,7 +210,9 @@ class WanQuantRemap(io.ComfyNode):
             name = os.path.basename(save_as.strip())
             if not name.endswith(".safetensors"):
                 name += ".safetensors"
-            dst = os.path.join(folder_paths.get_folder_paths(MODEL_FOLDER)[0], name)
+            roots = folder_paths.get_folder_paths(MODEL_FOLDER)
+            root = next((r for r in roots if os.path.basename(r.rstrip("/\\")) == MODEL_FOLDER), roots[0])
+            dst = os.path.join(root, name)
             res = convert(path, dst, base=base, to=fp4_target, progress=_progress_cb())
             lines += res.lines()
         result = bridge.load_wan_model(path, base, op_policy, "auto", "auto", progress=_progress_cb())

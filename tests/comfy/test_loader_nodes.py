@@ -157,3 +157,29 @@ def test_changed_file_or_policy_reloads_nothing_stale(comfy_server, tmp_path):
     write(1)
     assert run() == pytest.approx(first, rel=1e-6)
     assert run("comfy_native") == pytest.approx(first, rel=1e-3)  # policy change rebuilds; CPU paths agree
+
+
+def test_inspect_and_remap_nodes(comfy_server, tmp_path):
+    models = comfy_server.models / "diffusion_models"
+    folder = models / "remap"
+    if folder.exists():
+        shutil.rmtree(folder)
+    idx, base, _ = build_seed("vista4d_partial_over_base", folder)
+    rel = lambda p: str(p.relative_to(models))  # noqa: E731
+    hist = comfy_server.run_prompt({"1": {"class_type": "WanQuantInspect",
+                                          "inputs": {"model_name": rel(idx), "fp4_nibble_order": "auto"}}})
+    assert hist["status"]["status_str"] == "success"
+    text = hist["outputs"]["1"]["text"][0]
+    assert "partial checkpoint" in text and "vista4d" in text
+    out_name = "remapped_vista4d_full"
+    prompt = {"1": {"class_type": "WanQuantRemap", "inputs": {"model_name": rel(idx), "base_name": rel(base),
+                                                              "save_as": out_name, "fp4_target": "float8_e4m3fn",
+                                                              "op_policy": "auto"}}}
+    hist = comfy_server.run_prompt(prompt)
+    assert hist["status"]["status_str"] == "success", json.dumps(hist["status"])[:2000]
+    saved = models / f"{out_name}.safetensors"
+    assert saved.is_file()
+    from wanquant.loaders.canonical import load_canonical
+    rep = load_canonical(saved).report
+    assert not rep.missing and "vista4d" in rep.extras
+    assert "kept extra modules: vista4d" in hist["outputs"]["1"]["text"][0]
