@@ -1,0 +1,207 @@
+"""Apply LoRA (quantized Wan): any Wan LoRA spelling onto a quantized MODEL, merged or on the fly.
+
+What ComfyUI already does well is used as is: the MODEL is cloned and the LoRA goes in as
+ordinary patches (``add_patches``), so ComfyUI dequantizes, adds every patch on that weight
+(its own LoRA loaders' too: they compose, each applied once, from the stored original) and
+requantizes with a fresh scale and seeded stochastic rounding when the model loads; lowvram and
+dynamic VRAM keep working. What it lacks is added here: the key mapping for diffusers/PEFT/
+ai-toolkit names and lightx2v's ``diff_m``, shape and variant checks *before* anything is touched
+(a bad LoRA leaves the model as it was), and a report.
+
+``on the fly`` hands each patched layer a ``weight_function`` (ComfyUI's own hook, run after the
+weight is cast and dequantized on every forward) instead, so the stored quantized weights never
+change and no requantization error is added; those layers run the dequantize path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..errors import WanquantError
+from ..loaders.lora import LoraMatch, match_lora, read_lora
+from ..loaders.lora_merge import QUANT_SIDE_SUFFIXES, LoraWeightFunction, group_patches, total_delta
+
+log = logging.getLogger(__name__)
+
+PREFIX = "diffusion_model."
+MODES = ("merge", "on the fly")
+
+
+def model_shapes(patcher) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(native key → logical shape, native key → quantized format) of a ComfyUI MODEL's diffusion model."""
+    import comfy.utils
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    formats: dict[str, str] = {}
+    sd = patcher.model_state_dict()
+    for k, t in sd.items():
+        if not k.startswith(PREFIX):
+            continue
+        name = k[len(PREFIX):]
+        if "." in name and name.rsplit(".", 1)[1] in QUANT_SIDE_SUFFIXES:
+            continue
+        try:
+            param = comfy.utils.get_attr(patcher.model, k)
+        except AttributeError:
+            param = t
+        shapes[name] = tuple(param.shape)  # a QuantizedTensor reports its logical [N, K]
+        if type(param).__name__ == "QuantizedTensor" or hasattr(param, "params"):
+            owner = comfy.utils.get_attr(patcher.model, k.rsplit(".", 1)[0])
+            formats[name] = str(getattr(owner, "quant_format", None) or "quantized")
+    return shapes, formats
+
+
+def _comfy_patch(patch):
+    """One of our patches as the value ComfyUI's ``add_patches`` expects."""
+    from comfy.weight_adapter import LoRAAdapter
+
+    if patch.kind == "lora":
+        return LoRAAdapter(set(patch.keys), (patch.up, patch.down, patch.alpha, None, None, None))
+    diff = patch.diff * patch.scale if patch.scale != 1.0 else patch.diff
+    return ("diff", (diff,))
+
+
+def apply_lora(model, lora_path: str, strength: float, mode: str = "merge"):
+    """Clone ``model`` and add the LoRA; returns (new MODEL, report text).
+
+    Everything that can be wrong with the LoRA raises :class:`WanquantError` before the clone is
+    made, so the input MODEL is never changed."""
+    import comfy.utils
+
+    if mode not in MODES:
+        raise WanquantError("unknown LoRA mode", expected=" / ".join(MODES), found=mode)
+    lora = read_lora(lora_path)
+    shapes, formats = model_shapes(model)
+    match = match_lora(lora, shapes, strength=strength, mode=mode)
+    grouped = group_patches([match])
+    composed = sum(1 for t in grouped if PREFIX + t in model.patches
+                   or PREFIX + t in getattr(model, "weight_wrapper_patches", {}))
+    new = model.clone()
+    wrapped = objects = 0
+    rounds: list[dict[str, object]] = []  # one dict per patch index, so two patches on one key both land
+    for target, items in grouped.items() if strength != 0.0 else ():
+        key = PREFIX + target
+        if _owned_by_container(new.model, key):
+            # ComfyUI's patcher only patches parameters of leaf modules: a patch on Wan's raw
+            # blocks.N.modulation / head.modulation would be dropped silently. These are small
+            # high-precision tensors, so the patched value is set as an object patch instead
+            # (on top of any earlier object patch, so chained LoRAs add up).
+            current = new.get_model_object(key)
+            value = total_delta(items, tuple(current.shape), torch.float32, current.device)
+            value = torch.nn.Parameter((current.detach().float() + value).to(current.dtype), requires_grad=False)
+            new.add_object_patch(key, value)
+            objects += 1
+            continue
+        module = None
+        if mode == "on the fly" and target.rsplit(".", 1)[-1] in ("weight", "bias") and "." in target:
+            try:
+                module = comfy.utils.get_attr(new.model, key.rsplit(".", 1)[0])
+            except AttributeError:
+                module = None
+        if module is not None and hasattr(module, "weight_function"):
+            new.add_weight_wrapper(key, LoraWeightFunction(target, items))
+            wrapped += 1
+            continue
+        for i, (patch, _) in enumerate(items):
+            if len(rounds) <= i:
+                rounds.append({})
+            rounds[i][key] = _comfy_patch(patch, shapes[target])
+    for r in rounds:
+        added = set(new.add_patches(r, strength))
+        missing = [k for k in r if k not in added]
+        if missing:  # cannot happen for keys taken from the model's own state dict; never silent
+            raise WanquantError("ComfyUI did not accept every mapped LoRA key", layer=missing[0],
+                                found=f"{len(missing)} keys not in the model's state dict")
+    return new, report_text(match, formats, wrapped, composed, objects)
+
+
+def _comfy_patch(patch, shape):
+    """One of our patches as the value ComfyUI's ``add_patches`` expects."""
+    from comfy.weight_adapter import LoRAAdapter
+
+    if patch.kind == "lora":  # ComfyUI computes alpha/rank · up@down itself, in its compute dtype
+        return LoRAAdapter(set(patch.keys), (patch.up, patch.down, patch.alpha, None, None, None))
+    diff = patch.diff.reshape(shape)  # ComfyUI skips a diff whose shape differs from the parameter
+    return ("diff", (diff * patch.scale if patch.scale != 1.0 else diff,))
+
+
+def _owned_by_container(model, key: str) -> bool:
+    """Whether the parameter's module has child modules with parameters (ComfyUI skips patching those)."""
+    import comfy.utils
+
+    if "." not in key:
+        return False
+    try:
+        owner = comfy.utils.get_attr(model, key.rsplit(".", 1)[0])
+    except AttributeError:
+        return False
+    return isinstance(owner, torch.nn.Module) and any(True for c in owner.children() for _ in c.parameters())
+
+
+def report_text(match: LoraMatch, formats: dict[str, str], wrapped: int, composed: int, objects: int = 0) -> str:
+    q = Counter(formats.get(t, "high precision") for t in {p.target for p in match.patches})
+    lines = [match.text(), "  targets: " + ", ".join(f"{n} {f}" for f, n in sorted(q.items()))]
+    if match.strength == 0.0:
+        lines.append("  strength 0: model returned unchanged")
+    elif match.mode == "merge":
+        lines.append("  merge: patches handed to ComfyUI; each patched quantized weight is dequantized, summed with "
+                     "every LoRA on it and requantized (fresh scale, seeded stochastic rounding) when the model loads")
+    else:
+        lines.append(f"  on the fly: {wrapped} weight functions; the quantized weights stay untouched and the LoRA "
+                     f"is added after dequantization in every forward (those layers leave the quantized fast path)")
+    if objects:
+        lines.append(f"  {objects} raw parameters (modulation) set directly: ComfyUI's patcher would skip them")
+    if composed:
+        lines.append(f"  {composed} of these parameters already carry other LoRA patches; they add up")
+    return "\n".join(lines)
+
+
+def _lora_choices() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+class WanQuantApplyLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="WanQuantApplyLoRA",
+            display_name="Apply LoRA (quantized Wan)",
+            category="wanquant/lora",
+            description="Apply a Wan LoRA in any common spelling (ComfyUI/lightx2v incl. diff_m, kohya, Wan-Fun, "
+                        "diffusers/PEFT/ai-toolkit, error-compensation) to a quantized or plain Wan MODEL. Chain "
+                        "several; combines with ComfyUI's own LoRA loaders.",
+            inputs=[
+                io.Model.Input("model", tooltip="The Wan diffusion model (quantized or not) to apply the LoRA to."),
+                io.Combo.Input("lora_name", options=_lora_choices(),
+                               tooltip="LoRA file from the 'loras' model folder."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="How strongly the LoRA changes the model (multiplies alpha/rank; may be "
+                                       "negative). 0 returns the model unchanged."),
+                io.Combo.Input("mode", options=list(MODES), default="merge",
+                               tooltip="merge: ComfyUI dequantizes each patched weight, adds the LoRA and "
+                                       "requantizes it with a fresh scale and seeded stochastic rounding (fast "
+                                       "quantized matmuls stay on). on the fly: the stored quantized weights are "
+                                       "never changed; the LoRA is added after dequantization in every forward "
+                                       "(no requantization error, slower)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the LoRA applied (a clone)."),
+                io.String.Output(display_name="report",
+                                 tooltip="Matched and unmatched LoRA keys, per-module ranks, variant warnings."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength=1.0, mode="merge") -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        new, text = apply_lora(model, path, strength, mode)
+        log.info("%s", text)
+        return io.NodeOutput(new, text, ui=ui.PreviewText(text))
+
+
+NODES = [WanQuantApplyLoRA]
