@@ -2,11 +2,12 @@
 
 Runs the real pipeline on 832x480 frames with tiny fake ONNX models (tests/pose/onnx_fakes.py,
 needs ``onnx``), times the model calls separately and reports the rest: detector pre/post-
-processing, crop + normalisation, DARK decoding, AAPose split, face crop and drawing. The
-baseline, timed in the same run, is a per-keypoint Python DARK decode written the way upstream
-does it (Wan ``keypoints_from_heatmaps``): the target is <= 8 ms/frame for all our non-model work
-while that decode alone costs ~24 ms/frame. Also reports whole-pipeline frames/s with the fake
-models for ViTPose batch 1 versus batched.
+processing, crop + normalisation, DARK decoding, AAPose split, face crop and drawing (target:
+<= 8 ms/frame). The baseline, timed in the same run, is a per-keypoint Python DARK decode
+written the way upstream does it (Wan ``keypoints_from_heatmaps``: one blur per map, one
+``np.linalg.inv`` per keypoint). Also reports whole-pipeline frames/s with the fake models for
+ViTPose batch 1 versus batched (on CPU the tiny fake model gains nothing from batching; the
+dynamic batch pays off with the real ViTPose on GPU).
 
     python -m wanquant.benchmarks.bench_pose [--frames 48] [--batch 8]
 """
