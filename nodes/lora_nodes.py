@@ -10,12 +10,21 @@ ai-toolkit names and lightx2v's ``diff_m``, shape and variant checks *before* an
 
 ``on the fly`` hands each patched layer a ``weight_function`` (ComfyUI's own hook, run after the
 weight is cast and dequantized on every forward) instead, so the stored quantized weights never
-change and no requantization error is added; those layers run the dequantize path.
+change and no requantization error is added; those layers run the dequantize path. ComfyUI's
+bypass injection was not used: every bypass LoRA registers under the one injection key
+"bypass_lora", so chaining two replaces the first (seen in ComfyUI 0.33), and it applies no
+diff/bias patches of its own.
+
+Parameters of non-leaf modules (Wan's ``blocks.N.modulation``, ``head.modulation``, the target of
+lightx2v's ``diff_m``) are never patched by ComfyUI's loader (``_load_list`` skips modules that
+have children with parameters), so they are set as object patches: small, exact, and stacked on
+any earlier object patch so chained LoRAs add up.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 
 import folder_paths
@@ -30,6 +39,22 @@ log = logging.getLogger(__name__)
 
 PREFIX = "diffusion_model."
 MODES = ("merge", "on the fly")
+
+
+_CACHE: dict[str, tuple[tuple, object]] = {}
+
+
+def _read_cached(path: str):
+    """The last LoRA read, reused while the file is unchanged (a LoraFile is never mutated)."""
+    st = os.stat(path)
+    sig = (st.st_mtime_ns, st.st_size)
+    hit = _CACHE.get(path)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    lora = read_lora(path)
+    _CACHE.clear()
+    _CACHE[path] = (sig, lora)
+    return lora
 
 
 def model_shapes(patcher) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -75,7 +100,7 @@ def apply_lora(model, lora_path: str, strength: float, mode: str = "merge"):
 
     if mode not in MODES:
         raise WanquantError("unknown LoRA mode", expected=" / ".join(MODES), found=mode)
-    lora = read_lora(lora_path)
+    lora = _read_cached(lora_path)
     shapes, formats = model_shapes(model)
     match = match_lora(lora, shapes, strength=strength, mode=mode)
     grouped = group_patches([match])
@@ -86,11 +111,7 @@ def apply_lora(model, lora_path: str, strength: float, mode: str = "merge"):
     rounds: list[dict[str, object]] = []  # one dict per patch index, so two patches on one key both land
     for target, items in grouped.items() if strength != 0.0 else ():
         key = PREFIX + target
-        if _owned_by_container(new.model, key):
-            # ComfyUI's patcher only patches parameters of leaf modules: a patch on Wan's raw
-            # blocks.N.modulation / head.modulation would be dropped silently. These are small
-            # high-precision tensors, so the patched value is set as an object patch instead
-            # (on top of any earlier object patch, so chained LoRAs add up).
+        if _owned_by_container(new.model, key):  # see the module docstring
             current = new.get_model_object(key)
             value = total_delta(items, tuple(current.shape), torch.float32, current.device)
             value = torch.nn.Parameter((current.detach().float() + value).to(current.dtype), requires_grad=False)
@@ -151,6 +172,10 @@ def report_text(match: LoraMatch, formats: dict[str, str], wrapped: int, compose
     elif match.mode == "merge":
         lines.append("  merge: patches handed to ComfyUI; each patched quantized weight is dequantized, summed with "
                      "every LoRA on it and requantized (fresh scale, seeded stochastic rounding) when the model loads")
+        four_bit = sum(n for f, n in q.items() if f in ("nvfp4", "fp4_g32"))
+        if four_bit:
+            lines.append(f"  note: {four_bit} targets are 4-bit; requantizing them adds about as much error as the "
+                         f"original quantization; 'on the fly' keeps the LoRA exact")
     else:
         lines.append(f"  on the fly: {wrapped} weight functions; the quantized weights stay untouched and the LoRA "
                      f"is added after dequantization in every forward (those layers leave the quantized fast path)")

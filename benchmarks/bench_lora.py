@@ -1,0 +1,151 @@
+"""LoRA merge benchmark: time and error of wanquant's merge vs ComfyUI's own LoRA patching.
+
+A rank-64 LoRA (alpha 64) over every Linear of Wan-14B-shaped blocks (dim 5120, ffn 13824; ten
+Linears per block), for each quantized format:
+
+* **time**: wanquant's merge (``total_delta`` + ``merge_quantized``: dequantize, add, requantize
+  with a fresh scale and seeded stochastic rounding) against ComfyUI's own patch of the same
+  layer, i.e. the calls ``ModelPatcher.patch_weight_to_device`` makes on a quantized weight:
+  ``convert_weight`` (``QuantizedTensor.dequantize``), ``comfy.lora.calculate_weight`` with a
+  ``LoRAAdapter``, ``set_weight`` (``requantize_from_float(scale="recalculate",
+  stochastic_rounding=seed)``). Reported per block, scaled to 40 blocks, and as a ratio.
+* **error** against the bf16-merged reference ``W_bf16 + strength·(alpha/rank)·up@down`` (fp64):
+  the quantized model's merged weights (wanquant / ComfyUI), the same reference quantized
+  directly round-to-nearest (the best a merge could do), and "on the fly" (the original quantized
+  weight plus the exact LoRA, i.e. only the base model's quantization error).
+
+ComfyUI's side runs only when ``comfy`` imports (run with ComfyUI's python and COMFYUI_PATH set);
+otherwise only wanquant's numbers are printed. CPU timings are noisy: read the ratios.
+
+    $COMFY_PY -m wanquant.benchmarks.bench_lora [--blocks 1] [--formats float8_e4m3fn nvfp4 mxfp8 fp4_g32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+DIM, FFN, RANK = 5120, 13824, 64
+BLOCK_LINEARS = [("self_attn.q", DIM, DIM), ("self_attn.k", DIM, DIM), ("self_attn.v", DIM, DIM),
+                 ("self_attn.o", DIM, DIM), ("cross_attn.q", DIM, DIM), ("cross_attn.k", DIM, DIM),
+                 ("cross_attn.v", DIM, DIM), ("cross_attn.o", DIM, DIM), ("ffn.0", FFN, DIM), ("ffn.2", DIM, FFN)]
+COMFY_LAYOUT = {"float8_e4m3fn": "TensorCoreFP8E4M3Layout", "float8_e5m2": "TensorCoreFP8E5M2Layout",
+                "nvfp4": "TensorCoreNVFP4Layout", "mxfp8": "TensorCoreMXFP8Layout"}
+
+
+def _comfy():
+    """ComfyUI's modules, or None (then only wanquant is measured)."""
+    path = os.environ.get("COMFYUI_PATH")
+    if path and path not in sys.path:
+        sys.path.insert(0, path)
+    try:
+        from comfy.cli_args import args
+
+        args.cpu = True
+        import comfy.lora
+        import comfy.model_management  # noqa: F401
+        from comfy.quant_ops import QuantizedTensor
+        from comfy.weight_adapter import LoRAAdapter
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available here"
+        print(f"(ComfyUI not importable: {type(exc).__name__}: {str(exc)[:120]}; timing wanquant only)")
+        return None
+    return comfy.lora, QuantizedTensor, LoRAAdapter
+
+
+def _layers(blocks: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    for b in range(blocks):
+        for name, o, i in BLOCK_LINEARS:
+            w = (torch.randn(o, i, generator=g) / i ** 0.5).to(torch.bfloat16)
+            # a distill-LoRA-sized change: ‖ΔW‖ about 10% of ‖W‖
+            up = (torch.randn(o, RANK, generator=g) * (0.1 / (i * RANK) ** 0.5)).to(torch.bfloat16)
+            down = torch.randn(RANK, i, generator=g).to(torch.bfloat16)
+            yield f"blocks.{b}.{name}.weight", w, up, down
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref).norm() / ref.norm())
+
+
+def run(blocks: int, formats: list[str], strength: float) -> list[dict]:
+    from wanquant.loaders.lora import LoraPatch
+    from wanquant.loaders.lora_merge import comfy_seed, merge_quantized, total_delta
+    from wanquant.ops.formats import get_format
+
+    comfy = _comfy()
+    rows = []
+    for fmt_name in formats:
+        fmt = get_format(fmt_name)
+        acc = {"ours_s": 0.0, "comfy_s": 0.0, "n": 0}
+        err = {k: [0.0, 0.0] for k in ("ours", "comfy", "rtn_of_ref", "on_the_fly")}  # Σ‖e‖², Σ‖ref‖²
+
+        def add(kind, got, ref):
+            err[kind][0] += float((got.double() - ref).pow(2).sum())
+            err[kind][1] += float(ref.pow(2).sum())
+
+        for key, w, up, down in _layers(blocks):
+            patch = LoraPatch(key, "lora", (key,), up=up, down=down, alpha=float(RANK), scale=1.0)
+            ref = w.double() + strength * (up.double() @ down.double())
+            tensors, conf = fmt.quantize(w.float())  # the quantized model as loaded
+            t0 = time.perf_counter()
+            delta = total_delta([(patch, strength)], tuple(w.shape))
+            new, new_conf, _ = merge_quantized(fmt_name, tensors, conf, delta, key=key)
+            acc["ours_s"] += time.perf_counter() - t0
+            add("ours", fmt.dequantize(new, torch.float32, new_conf), ref)
+            add("on_the_fly", fmt.dequantize(tensors, torch.float32, conf).double() + (ref - w.double()), ref)
+            rt, rconf = fmt.quantize(ref.float())
+            add("rtn_of_ref", fmt.dequantize(rt, torch.float32, rconf), ref)
+            del new, delta, rt
+            if comfy is not None and fmt_name in COMFY_LAYOUT:
+                lora_mod, QT, LoRAAdapter = comfy
+                qt = QT.from_float(w.float(), COMFY_LAYOUT[fmt_name])
+                adapter = LoRAAdapter({key}, (up, down, float(RANK), None, None, None))
+                with torch.inference_mode():
+                    t0 = time.perf_counter()
+                    temp = qt.to(torch.float32, copy=True).dequantize()  # convert_weight
+                    out = lora_mod.calculate_weight([(strength, adapter, 1.0, None, None)], temp, key)
+                    new_qt = qt.requantize_from_float(out, scale="recalculate",
+                                                      stochastic_rounding=comfy_seed(key), inplace_ops=True)
+                    acc["comfy_s"] += time.perf_counter() - t0
+                add("comfy", new_qt.dequantize().float(), ref)
+                del qt, temp, out, new_qt
+            acc["n"] += 1
+        row = {"format": fmt_name, "layers": acc["n"], "ours_s": acc["ours_s"],
+               "comfy_s": acc["comfy_s"] if comfy is not None and fmt_name in COMFY_LAYOUT else None}
+        for k, (num, den) in err.items():
+            row[f"err_{k}"] = (num / den) ** 0.5 if den and num else None
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--blocks", type=int, default=1, help="Wan-14B blocks to build (times are scaled to 40)")
+    p.add_argument("--formats", nargs="+", default=["float8_e4m3fn", "nvfp4", "mxfp8", "fp4_g32"])
+    p.add_argument("--strength", type=float, default=1.0)
+    a = p.parse_args(argv)
+    print(f"rank-{RANK} LoRA over {a.blocks} Wan-14B block(s) ({len(BLOCK_LINEARS)} Linears each), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = run(a.blocks, a.formats, a.strength)
+    scale = 40 / a.blocks
+    print(f"{'format':<14}{'ours s/14B':>11}{'comfy s/14B':>12}{'ratio':>7}  "
+          f"{'err ours':>9}{'err comfy':>10}{'ratio':>7}{'RTN(ref)':>9}{'on-the-fly':>11}")
+    for r in rows:
+        ours, cf = r["ours_s"] * scale, (r["comfy_s"] * scale if r["comfy_s"] is not None else None)
+        ratio = f"{ours / cf:7.2f}" if cf else "      -"
+        ecf = r["err_comfy"]
+        eratio = f"{r['err_ours'] / ecf:7.3f}" if ecf else "      -"
+        print(f"{r['format']:<14}{ours:11.1f}{(f'{cf:12.1f}' if cf else '           -')}{ratio}  "
+              f"{r['err_ours']:9.2e}{(f'{ecf:10.2e}' if ecf else '         -')}{eratio}"
+              f"{r['err_rtn_of_ref']:9.2e}{r['err_on_the_fly']:11.2e}")
+    print("ratio = wanquant / ComfyUI (time: < 1 is faster; error: ~1 means the same requantization quality). "
+          "Errors are relative L2 vs the bf16-merged reference.")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
