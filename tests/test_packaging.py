@@ -1,0 +1,189 @@
+"""Install metadata: pyproject.toml for pip and the Comfy Registry, requirements.txt for ComfyUI
+installs, and the onnxruntime vs onnxruntime-gpu handling in prestartup_script.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+REPO = Path(__file__).resolve().parents[1]
+TORCH_FAMILY = {"torch", "torchvision", "torchaudio", "xformers", "triton"}
+ORT = {"onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-rocm"}
+# Comfy Registry / comfy_config rules (comfy_config/config_parser.py): one invalid entry empties the list
+REGISTRY_OS = ("Microsoft", "POSIX", "MacOS", "OS Independent")
+REGISTRY_ACCEL = {"GPU :: NVIDIA CUDA", "GPU :: AMD ROCm", "GPU :: Intel Arc", "NPU :: Huawei Ascend",
+                  "GPU :: Apple Metal"}
+
+
+@pytest.fixture(scope="module")
+def pyproject():
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _requirements() -> list[Requirement]:
+    lines = [l.split("#", 1)[0].strip() for l in (REPO / "requirements.txt").read_text().splitlines()]
+    return [Requirement(l) for l in lines if l]
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+# ------------------------------------------------------------------ registry metadata
+
+def test_registry_fields(pyproject):
+    comfy = pyproject["tool"]["comfy"]
+    assert re.fullmatch(r"[a-z][a-z0-9-]{1,38}", comfy["PublisherId"])
+    assert comfy["DisplayName"].strip()
+    icon = comfy["Icon"]
+    assert re.fullmatch(r"https://raw\.githubusercontent\.com/[\w.-]+/[\w.-]+/main/.+\.(png|jpg|jpeg|svg|webp)", icon)
+    assert (REPO / icon.split("/main/", 1)[1]).is_file(), "the icon URL points at a file that is not in the repo"
+    spec = SpecifierSet(comfy["requires-comfyui"])
+    assert Version("0.29.0") in spec and Version("0.33.0") in spec and Version("0.28.0") not in spec
+    assert isinstance(comfy.get("includes", []), list)
+
+
+def test_project_fields(pyproject):
+    project = pyproject["project"]
+    assert re.fullmatch(r"[a-z0-9][a-z0-9_-]*", project["name"])
+    Version(project["version"])
+    assert project["description"].strip() and project["license"]
+    SpecifierSet(project["requires-python"])
+    for key in ("Repository", "Issues", "Documentation"):
+        assert project["urls"][key].startswith("https://")
+    classifiers = project["classifiers"]
+    os_values = [c[len("Operating System :: "):] for c in classifiers if c.startswith("Operating System :: ")]
+    accel = [c[len("Environment :: "):] for c in classifiers if c.startswith("Environment ::")]
+    assert os_values and all(v.startswith(REGISTRY_OS) for v in os_values)
+    assert accel and all(v in REGISTRY_ACCEL for v in accel)
+
+
+def test_pip_install_mapping_and_entry_points(pyproject):
+    st = pyproject["tool"]["setuptools"]
+    assert st["package-dir"] == {"wanquant": "."}
+    packages = set(st["packages"])
+    for init in REPO.rglob("__init__.py"):
+        rel = init.parent.relative_to(REPO)
+        if rel.parts and rel.parts[0] in ("tests", "build", ".venv", "venv") or "egg-info" in str(rel):
+            continue
+        name = ".".join(("wanquant", *rel.parts))
+        assert name in packages, f"{name} is a package but pip would not install it"
+    assert pyproject["project"]["scripts"]["wanquant"] == "wanquant.cli:main"
+    extras = pyproject["project"]["optional-dependencies"]
+    assert {_norm(Requirement(r).name) for r in extras["test"]} >= {"pytest", "onnx", "onnxruntime"}
+    assert [Requirement(r).name for r in extras["pose"]] == ["onnxruntime"]
+    assert [Requirement(r).name for r in extras["pose-gpu"]] == ["onnxruntime-gpu"]
+
+
+# ------------------------------------------------------------------ requirements
+
+def test_requirements_never_touch_torch_or_pick_an_onnxruntime(pyproject):
+    reqs = _requirements()
+    names = {_norm(r.name) for r in reqs}
+    assert not names & TORCH_FAMILY, "ComfyUI owns torch"
+    assert not names & ORT, "listing one onnxruntime wheel installs it beside the other"
+    kitchen = [r for r in reqs if _norm(r.name) == "comfy-kitchen"]
+    assert kitchen and not str(kitchen[0].specifier), "comfy-kitchen is pinned by ComfyUI, not by us"
+    deps = {_norm(Requirement(d).name): str(Requirement(d).specifier) for d in pyproject["project"]["dependencies"]}
+    assert deps == {_norm(r.name): str(r.specifier) for r in reqs}, "requirements.txt and pyproject disagree"
+
+
+def test_requirements_install_without_resolving_torch():
+    """pip's resolver agrees: nothing in requirements.txt depends on torch (dry run, no downloads
+    beyond metadata; skipped offline)."""
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed", "--report", "-",
+                        "-r", str(REPO / "requirements.txt")], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        pytest.skip(f"pip cannot resolve here (offline?): {r.stderr.strip()[-300:]}")
+    report = json.loads(r.stdout[r.stdout.index("{"):])
+    names = {_norm(i["metadata"]["name"]) for i in report.get("install", [])}
+    assert "safetensors" in names and "comfy-kitchen" in names  # the whole set was resolved
+    assert not names & TORCH_FAMILY, names & TORCH_FAMILY
+    assert not names & ORT, names & ORT
+
+
+# ------------------------------------------------------------------ onnxruntime handling
+
+@pytest.fixture()
+def prestart():
+    # this name makes the module skip its on-import check (ComfyUI imports it under another name)
+    spec = importlib.util.spec_from_file_location("wanquant.prestartup_script", REPO / "prestartup_script.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("present,torch_ver,platform,want", [
+    ([], "2.9.0+cu130", "linux", ("install", "onnxruntime-gpu")),
+    ([], "2.9.0+cu128", "win32", ("install", "onnxruntime-gpu")),
+    ([], "2.13.0+cpu", "linux", ("install", "onnxruntime")),
+    ([], "2.9.0", "darwin", ("install", "onnxruntime")),
+    ([], None, "linux", ("install", "onnxruntime")),
+    (["onnxruntime-gpu"], "2.9.0+cu130", "linux", ("ok", "onnxruntime-gpu")),
+    (["onnxruntime"], "2.9.0+cu130", "linux", ("ok", "onnxruntime")),
+])
+def test_onnxruntime_plan(prestart, present, torch_ver, platform, want):
+    assert prestart.plan(present, torch_ver, platform) == want
+
+
+def test_both_onnxruntimes_is_reported_with_the_fix(prestart):
+    action, fix = prestart.plan(["onnxruntime", "onnxruntime-gpu"], "2.9.0+cu130", "linux")
+    assert action == "conflict"
+    assert fix == "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+
+
+def test_ensure_installs_one_wheel_and_nothing_else(prestart, monkeypatch):
+    calls = []
+    monkeypatch.setattr(prestart, "installed", lambda *a: [])
+    monkeypatch.setattr(prestart, "torch_version", lambda: "2.9.0+cu130")
+    monkeypatch.setattr(prestart.sys, "platform", "linux")
+    monkeypatch.delenv("WANQUANT_NO_ORT_INSTALL", raising=False)
+    run = lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", "")  # noqa: E731
+    assert prestart.ensure_onnxruntime(run=run) == "install"
+    assert calls == [[sys.executable, "-m", "pip", "install", "onnxruntime-gpu"]]
+    monkeypatch.setenv("WANQUANT_NO_ORT_INSTALL", "1")
+    calls.clear()
+    assert prestart.ensure_onnxruntime(run=run) == "skipped" and calls == []
+
+
+def test_ensure_changes_nothing_on_conflict(prestart, monkeypatch, caplog):
+    monkeypatch.setattr(prestart, "installed", lambda *a: ["onnxruntime", "onnxruntime-gpu"])
+    run = lambda *a, **k: pytest.fail("must not run pip on a conflict")  # noqa: E731
+    with caplog.at_level("WARNING"):
+        assert prestart.ensure_onnxruntime(run=run) == "conflict"
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu" in caplog.text
+
+
+# ------------------------------------------------------------------ ComfyUI's own parser
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="COMFYUI_PATH is not set; ComfyUI's parser not run")
+def test_comfyui_config_parser_reads_our_pyproject():
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]);"
+            "from comfy_config import config_parser as c;"
+            "cfg = c.extract_node_configuration(sys.argv[2]);"
+            "print(json.dumps({'publisher': cfg.tool_comfy.publisher_id, 'name': cfg.tool_comfy.display_name,"
+            "'icon': cfg.tool_comfy.icon, 'comfyui': cfg.project.supported_comfyui_version,"
+            "'os': cfg.project.supported_os, 'accel': cfg.project.supported_accelerators,"
+            "'project': cfg.project.name}))")
+    py = os.environ.get("COMFY_PY", sys.executable)
+    r = subprocess.run([py, "-c", code, os.environ["COMFYUI_PATH"], str(REPO)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    want = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert got["publisher"] == want["tool"]["comfy"]["PublisherId"]
+    assert got["name"] == want["tool"]["comfy"]["DisplayName"] and got["icon"] == want["tool"]["comfy"]["Icon"]
+    assert got["comfyui"] == want["tool"]["comfy"]["requires-comfyui"]
+    assert got["os"] == ["OS Independent"] and got["accel"] == ["GPU :: NVIDIA CUDA"]
+    assert got["project"] == "wanquant"
