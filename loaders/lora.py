@@ -535,7 +535,8 @@ def render_lora(modules: Mapping[str, dict], style: str = "comfy") -> dict[str, 
             if parts.get("alpha") is not None and style != "error_comp":
                 out[base + ".alpha"] = torch.tensor(float(parts["alpha"]))
         if "diff" in parts:
-            if is_mod and style in ("comfy", "error_comp") and module.endswith("modulation") and module != "head.modulation":
+            lightx2v = style in ("comfy", "error_comp") and module.startswith("blocks.")
+            if is_mod and lightx2v and module.endswith(".modulation"):
                 out[f"diffusion_model.{module[: -len('.modulation')]}.diff_m"] = parts["diff"]  # lightx2v spelling
             else:
                 out[base + ".diff"] = parts["diff"]

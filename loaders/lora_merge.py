@@ -231,8 +231,8 @@ def _layer_entries(model: CanonicalModel, layer, items: list[Applied], shape: tu
     name = layer.name
     same = target == layer.format
     if same:
-        planned = [(s, model.entries[f"{name}.{s}"].shape, model.entries[f"{name}.{s}"].dtype)
-                   for s in ("weight", "weight_scale", "weight_scale_2", "comfy_quant") if f"{name}.{s}" in model.entries]
+        kept = [model.entries.get(f"{name}.{s}") for s in ("weight", "weight_scale", "weight_scale_2", "comfy_quant")]
+        planned = [(e.key[len(name) + 1:], e.shape, e.dtype) for e in kept if e is not None]
     elif target == "bf16":
         planned = [("weight", shape, torch.bfloat16)]
     else:
