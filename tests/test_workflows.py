@@ -37,7 +37,7 @@ MODEL_FILE_COMBOS = {
     ("WanQuantInspect", "model_name"): "diffusion_models", ("WanQuantRemap", "model_name"): "diffusion_models",
     ("WanQuantRemap", "base_name"): "diffusion_models", ("CLIPLoader", "clip_name"): "text_encoders",
     ("VAELoader", "vae_name"): "vae", ("CLIPVisionLoader", "clip_name"): "clip_vision",
-    ("LoraLoaderModelOnly", "lora_name"): "loras",
+    ("LoraLoaderModelOnly", "lora_name"): "loras", ("WanQuantApplyLoRA", "lora_name"): "loras",
 }
 MEDIA_EXT = (".png", ".jpg", ".jpeg", ".webp", ".mp4", ".webm", ".mov", ".mkv", ".gif")
 
@@ -387,8 +387,10 @@ def test_nvfp4_uses_the_error_comp_lora_and_seed_003_settings(info):
     assert ms_node["type"] == "ModelSamplingSD3" and widget_map(ms_node, info["ModelSamplingSD3"])["shift"] == 5.0
     lora_node, _ = _upstream(wf, ms_node["id"], "model")
     lora = widget_map(lora_node, info[lora_node["type"]])
+    assert lora_node["type"] == "WanQuantApplyLoRA", "core LoRA loaders do not read every Wan LoRA spelling"
     assert "lora" in lora["lora_name"].lower() and "nvfp4" in lora["lora_name"].lower()
-    assert lora["strength_model"] == 1.0
+    # exact on 4-bit weights: merging would requantize the correction away
+    assert lora["strength"] == 1.0 and lora["mode"] == "on the fly"
     loader, _ = _upstream(wf, lora_node["id"], "model")
     assert loader["type"] == "WanQuantLoadDiT" and "nvfp4" in widget_map(loader, info["WanQuantLoadDiT"])["model_name"]
 
@@ -407,6 +409,7 @@ def test_animate_is_fed_by_our_pose_nodes_with_the_distill_lora(info):
     assert ks["steps"] == 6 and ks["cfg"] == 1.0
     ms_node, _ = _upstream(wf, ks_node["id"], "model")
     lora_node, _ = _upstream(wf, ms_node["id"], "model")
+    assert lora_node["type"] == "WanQuantApplyLoRA"  # the distill LoRA carries diff_m, which core skips
     assert "distill" in widget_map(lora_node, info[lora_node["type"]])["lora_name"]
     loader, _ = _upstream(wf, lora_node["id"], "model")
     assert widget_map(loader, info["WanQuantLoadDiT"])["model_name"].endswith("quantized_transformer.safetensors")

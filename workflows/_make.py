@@ -366,7 +366,8 @@ def wf_nvfp4(info):
     note = g.add("MarkdownNote", (20, 20), {"text": md(
         "## Wan2.1-I2V-14B-480P lightx2v 4-step, NVFP4/MXFP8 + error-compensation LoRA",
         "The file mixes NVFP4, MXFP8 and bf16 layers (ComfyUI-native `comfy_quant`). Its rank-64 LoRA, extracted by "
-        "convert_to_quant, restores part of the quantization error: keep it at strength 1.0.",
+        "convert_to_quant, restores part of the quantization error: keep it at strength 1.0. **Apply LoRA (quantized "
+        "Wan)** runs it *on the fly* (added after dequantization), so it is not lost again by requantizing to 4 bit.",
         "NVFP4 matmuls need a Blackwell GPU (SM 10+/12) **and** a CUDA 13 torch with comfy-kitchen's CUDA backend; "
         "anywhere else wanquant dequantizes these layers on the fly (slower, same result).",
         "", "**Downloads**:", code("\n".join([DL_NVFP4, DL_T5, DL_VAE, DL_CLIPV])),
@@ -376,10 +377,12 @@ def wf_nvfp4(info):
     y = g.bottom(note)
     dit = g.add("WanQuantLoadDiT", (20, y), {"model_name": NVFP4_FILE}, title="Load Wan DiT (NVFP4 mix)",
                 color=OURS, width=460)
-    lora = g.add("LoraLoaderModelOnly", (20, g.bottom(dit, 30)), {"lora_name": NVFP4_LORA, "strength_model": 1.0},
-                 title="Error-compensation LoRA (rank 64)", width=420)
+    lora = g.add("WanQuantApplyLoRA", (20, g.bottom(dit, 30)), {"lora_name": NVFP4_LORA, "strength": 1.0,
+                                                                 "mode": "on the fly"},
+                 title="Error-compensation LoRA (rank 64)", color=OURS, width=460)
     g.link(dit, "MODEL", lora, "model")
     report_preview(g, dit, (20, g.bottom(lora, 30)))
+    report_preview(g, lora, (520, g.bottom(lora, 30)), title="LoRA report (matched keys)")
     i2v, vae = i2v_front(g, 660, 120, 832, 480, 33, "example.png",
                          "A woman in a yellow raincoat turns toward the camera and smiles, rain falling, city lights")
     sampler_tail(g, (lora, "MODEL"), (i2v, "positive"), (i2v, "negative"), (i2v, "latent"), 1940, 380,
@@ -395,7 +398,8 @@ def wf_animate(info):
         "## Wan2.2-Animate-14B FP4 + lightx2v distill LoRA (6 steps)",
         "Character image + driving video -> the character performs the motion. The FP4 (E2M1, group 32, "
         "diffusers keys) transformer is loaded by wanquant (`quantize_config.json` beside it gives the nibble "
-        "order); the distill LoRA is applied by ComfyUI on the loaded model. wanquant's pose nodes detect the "
+        "order); the distill LoRA (ComfyUI spelling with `diff_b`/`diff_m`, which core LoRA loaders partly skip) is "
+        "applied by **Apply LoRA (quantized Wan)** on the fly, exact on 4-bit weights. wanquant's pose nodes detect the "
         "dancer (YOLOv10m + ViTPose wholebody, onnxruntime) and draw the pose video and 512x512 face crops that core "
         "**WanAnimateToVideo** expects. Use the same width/height on the detection node and on WanAnimateToVideo.",
         "", "**Downloads**:", code("\n".join([DL_ANIM, DL_DISTILL, DL_T5, DL_VAE, DL_CLIPV])), DL_POSE,
@@ -406,9 +410,11 @@ def wf_animate(info):
     dit = g.add("WanQuantLoadDiT", (20, y), {"model_name": ANIM_FILE}, title="Load Wan2.2-Animate FP4",
                 color=OURS, width=420)
     report_preview(g, dit, (480, y))
-    lora = g.add("LoraLoaderModelOnly", (20, g.bottom(dit, 30)), {"lora_name": DISTILL_LORA, "strength_model": 1.0},
-                 title="lightx2v distill LoRA (rank 64)", width=440)
+    lora = g.add("WanQuantApplyLoRA", (20, g.bottom(dit, 30)), {"lora_name": DISTILL_LORA, "strength": 1.0,
+                                                                 "mode": "on the fly"},
+                 title="lightx2v distill LoRA (rank 64)", color=OURS, width=440)
     g.link(dit, "MODEL", lora, "model")
+    report_preview(g, lora, (480, g.bottom(lora, 30)), title="LoRA report (matched keys)")
     # inputs
     vid = g.add("LoadVideo", (700, 20), {"file": "dance.mp4"}, title="Driving video")
     comps = g.add("GetVideoComponents", (1060, 20), width=260)

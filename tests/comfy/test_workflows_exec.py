@@ -20,8 +20,8 @@
 from __future__ import annotations
 
 import json
-import math
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -102,14 +102,22 @@ save_file(sd, sys.argv[2])
 """
 
 
-def _lora(path: Path, sd: dict, layers: list[str], rank: int = 4, seed: int = 0) -> Path:
-    """A ComfyUI-spelled LoRA (diffusion_model.<native>.lora_up/down, no alpha) on some Linears."""
+def _lora(path: Path, sd: dict, layers: list[str], rank: int = 4, seed: int = 0, lightx2v: bool = False) -> Path:
+    """A LoRA on some Linears. Error-comp (convert_to_quant): bare ``<native>.lora_up/down``, no alpha.
+    lightx2v distill (Kijai's file): ``diffusion_model.`` prefix, ``alpha``, ``diff_b`` and ``diff_m``."""
     g = torch.Generator().manual_seed(seed)
     out = {}
+    pre = "diffusion_model." if lightx2v else ""
     for layer in layers:
         o, i = sd[f"{layer}.weight"].shape
-        out[f"diffusion_model.{layer}.lora_down.weight"] = (torch.randn(rank, i, generator=g) * 0.02).bfloat16()
-        out[f"diffusion_model.{layer}.lora_up.weight"] = (torch.randn(o, rank, generator=g) * 0.02).bfloat16()
+        out[f"{pre}{layer}.lora_down.weight"] = (torch.randn(rank, i, generator=g) * 0.02).bfloat16()
+        out[f"{pre}{layer}.lora_up.weight"] = (torch.randn(o, rank, generator=g) * 0.02).bfloat16()
+        if lightx2v:
+            out[f"{pre}{layer}.alpha"] = torch.tensor(float(rank))
+            out[f"{pre}{layer}.diff_b"] = (torch.randn(o, generator=g) * 0.01).bfloat16()
+    if lightx2v:
+        for b in sorted({l.split(".")[1] for l in layers}):
+            out[f"{pre}blocks.{b}.diff_m"] = (torch.randn(sd[f"blocks.{b}.modulation"].shape, generator=g) * 0.01).bfloat16()
     return syn.save(out, path)
 
 
@@ -197,7 +205,8 @@ def build_standins(models: Path, inputs: Path, names: dict[str, set[str]]) -> di
         (dm / anim).parent.joinpath("quantize_config.json").write_text(json.dumps({"group_size": 32}))
         for name in names.get("loras", ()):
             if "distill" in name:
-                _lora(models / "loras" / name, sd, [l for l in layers if ".self_attn." in l or ".ffn." in l], seed=6)
+                _lora(models / "loras" / name, sd, [l for l in layers if ".self_attn." in l or ".ffn." in l], seed=6,
+                      lightx2v=True)
         made["animate_fp4_layers"] = len(layers)
     for name in names.get("vae", ()):
         (models / "vae").mkdir(parents=True, exist_ok=True)
@@ -335,7 +344,14 @@ def test_workflow_executes_with_standins(server, live_info, path):
         if node["class_type"] == "WanQuantRemap" and node["inputs"]["save_as"]:
             out = server.models / "diffusion_models" / (node["inputs"]["save_as"] + ".safetensors")
             assert out.is_file() and out.stat().st_size > 100_000, out
-    # the LoRAs land on the model: ComfyUI logs no 'lora key not loaded' for their spellings
+    # the LoRAs land on the model: every key matched (the node's report) and ComfyUI skipped none
+    for nid, node in api.items():
+        if node["class_type"] == "WanQuantApplyLoRA":
+            text = next("".join(_outputs_of(entry, k).get("text", [])) for k, n in api.items()
+                        if n["class_type"] == "PreviewAny" and n["inputs"]["source"][0] == nid)
+            m = re.search(r"matched: (\d+) of (\d+) keys", text)
+            assert m and m.group(1) == m.group(2) and int(m.group(1)) > 0, text[:2000]
+            assert "on the fly" in text, text[:2000]
     log = server.log()
     assert "lora key not loaded" not in log, [l for l in log.splitlines() if "lora key not loaded" in l][:5]
     assert all(r.split(":")[1] in ("CLIPTextEncode", "CLIPLoader", "CLIPVisionLoader", "CLIPVisionEncode")
