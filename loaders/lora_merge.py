@@ -43,13 +43,18 @@ def comfy_seed(key: str) -> int:
 
 def total_delta(items: Sequence[Applied], shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
                 device=None) -> torch.Tensor:
-    """Σ strength · delta over ``items`` for a parameter of ``shape``."""
-    out = torch.zeros(shape, dtype=dtype, device=device)
+    """Σ strength · delta over ``items`` for a parameter of ``shape`` (one full-size buffer)."""
+    out = None
     for patch, strength in items:
         if strength == 0.0:
             continue
-        out.add_(patch.delta(shape, dtype, device), alpha=strength)
-    return out
+        if out is None:
+            out = patch.delta(shape, dtype, device)
+            if strength != 1.0:
+                out.mul_(strength)
+        else:
+            out.add_(patch.delta(shape, dtype, device), alpha=strength)
+    return out if out is not None else torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _finite_or_raise(t: torch.Tensor, key: str, what: str) -> None:
@@ -249,8 +254,16 @@ def _layer_entries(model: CanonicalModel, layer, items: list[Applied], shape: tu
                    if f"{name}.{s}" in model.entries}
         key = f"{name}.weight"
         w = src.dequantize(tensors, torch.float32, layer.conf)
-        delta = total_delta(items, shape) if items else None
-        merged = w.add_(delta) if delta is not None else w
+        del tensors
+        patched = bool(items)
+        if patched:  # keep only norms of the inputs: one layer-sized fp32 buffer less at the peak
+            w_norm = float(w.norm()) if measure else 0.0
+            delta = total_delta(items, shape)
+            d_norm = float(delta.norm()) if measure else 0.0
+            merged = w.add_(delta)
+            del delta
+        else:
+            merged = w
         _finite_or_raise(merged, key, "merged weight")
         if target == "bf16":
             new = {"weight": merged.to(torch.bfloat16)}
@@ -258,7 +271,7 @@ def _layer_entries(model: CanonicalModel, layer, items: list[Applied], shape: tu
         else:
             fmt = get_format(target)
             gen = torch.Generator(device=merged.device).manual_seed(comfy_seed(key))
-            new, conf = fmt.quantize(merged, generator=gen, stochastic=stochastic and delta is not None,
+            new, conf = fmt.quantize(merged, generator=gen, stochastic=stochastic and patched,
                                      conf=layer.conf if same else None)
             if same:
                 new["comfy_quant"] = comfy_quant_tensor({**layer.conf, **conf})
@@ -267,10 +280,11 @@ def _layer_entries(model: CanonicalModel, layer, items: list[Applied], shape: tu
                 new["comfy_quant"] = comfy_quant_tensor(conf)
             got = fmt.dequantize(new, torch.float32, conf) if measure else None
         if measure:
-            ref_norm = merged.norm().clamp_min(1e-30)
-            if delta is not None:
-                stats.delta_rel[name] = float(delta.norm() / (merged - delta).norm().clamp_min(1e-30))
-            stats.requant_rel[name] = float((got - merged).norm() / ref_norm)
+            ref_norm = max(float(merged.norm()), 1e-30)
+            if patched:
+                stats.delta_rel[name] = d_norm / max(w_norm, 1e-30)
+            stats.requant_rel[name] = float(got.sub_(merged).norm()) / ref_norm
+            del got
             if not same:
                 stats.reencoded[name] = target
         state["cache"] = new
