@@ -124,10 +124,11 @@ class LoraPatch:
 
     def delta(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
               device: torch.device | str | None = None) -> torch.Tensor:
-        """The full delta for a target of ``shape`` (scale included, strength not)."""
+        """The full delta for a target of ``shape`` (scale included, strength not); always a fresh
+        tensor, so callers may scale or accumulate into it without touching the LoRA."""
         if self.kind == "diff":
-            d = self.diff.to(device=device, dtype=dtype)
-            return (d * self.scale if self.scale != 1.0 else d).reshape(shape)
+            d = self.diff.to(device=device, dtype=dtype, copy=True)
+            return (d.mul_(self.scale) if self.scale != 1.0 else d).reshape(shape)
         up = self.up.to(device=device, dtype=dtype).reshape(self.up.shape[0], -1)
         down = self.down.to(device=device, dtype=dtype).reshape(self.down.shape[0], -1)
         if self.scale != 1.0:

@@ -311,6 +311,8 @@ def test_loader_apply_lora_ksampler(comfy_server, loader):
     assert abs(merged - plain) > 1e-3 * abs(plain) and abs(fly - plain) > 1e-3 * abs(plain)
     # both modes apply the same LoRA; merging into 4 bits adds visible requantization noise
     assert abs(merged - fly) < (0.25 if loader == "UNETLoader" else 0.75) * abs(merged - plain)
+    if loader != "UNETLoader":
+        return  # the error and restore paths are the node's own, checked once below
     assert run() == pytest.approx(plain, rel=1e-6)  # the loaded model was restored
     hist = comfy_server.run_prompt(_prompt(name, "wq_bad_lora.safetensors", loader=loader))
     assert hist["status"]["status_str"] == "error"

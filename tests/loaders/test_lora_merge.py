@@ -20,7 +20,7 @@ from wanquant.loaders import synthetic
 from wanquant.loaders.canonical import load_canonical
 from wanquant.loaders.lora import STYLES, match_lora, parse_lora, render_lora
 from wanquant.loaders.lora_merge import (LoraWeightFunction, canonical_shapes, comfy_seed, group_patches,
-                                         merge_lora_file, merge_quantized, parse_lora_arg)
+                                         merge_lora_file, merge_quantized, parse_lora_arg, total_delta)
 from wanquant.ops.formats import comfy_quant_tensor, get_format
 
 FORMATS = ["bf16", "float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "fp4_g32"]
@@ -252,6 +252,16 @@ def test_weight_function_in_bf16_and_move_to():
     # three bf16 roundings (scaled up, product, sum) of terms up to ~|w| + |ΔW| ≈ 6
     torch.testing.assert_close(out.double(), ref, rtol=2 ** -7, atol=6 * 3 * 2 ** -8)
     assert (out.double() - ref).abs().mean() < 0.01
+
+
+def test_total_delta_never_writes_into_the_lora():
+    diff = torch.ones(4, 8)
+    lf = parse_lora({"diffusion_model.blocks.0.norm3.diff": diff, "diffusion_model.blocks.0.norm3.diff_b": torch.ones(4)})
+    m = match_lora(lf, {"blocks.0.norm3.weight": (4, 8), "blocks.0.norm3.bias": (4,)}, strength=3.0)
+    grouped = group_patches([m])
+    for _ in range(2):
+        assert torch.equal(total_delta(grouped["blocks.0.norm3.weight"], (4, 8)), torch.full((4, 8), 3.0))
+    assert torch.equal(diff, torch.ones(4, 8)) and torch.equal(lf.patches[0].diff, torch.ones(4, 8))
 
 
 def test_comfy_seed_is_comfyuis_crc32():
