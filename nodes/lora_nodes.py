@@ -104,7 +104,7 @@ def apply_lora(model, lora_path: str, strength: float, mode: str = "merge"):
     shapes, formats = model_shapes(model)
     match = match_lora(lora, shapes, strength=strength, mode=mode)
     grouped = group_patches([match])
-    composed = sum(1 for t in grouped if PREFIX + t in model.patches
+    composed = sum(1 for t in grouped if PREFIX + t in model.patches or PREFIX + t in model.object_patches
                    or PREFIX + t in getattr(model, "weight_wrapper_patches", {}))
     new = model.clone()
     wrapped = objects = 0
