@@ -95,7 +95,15 @@ def decode_e2m1(u8: torch.Tensor, hi_first: bool, dtype) -> torch.Tensor:
 
     One gather per byte from a 256x2 table: a single pass over the packed data with no
     unpacked-code intermediate (E2M1 values are exact in every float dtype)."""
-    vals = _pair_lut(u8.device, dtype, hi_first)[u8.to(torch.int32)]
+    pair = _pair_lut(u8.device, dtype, hi_first)
+    if u8.device.type == "cpu" and pair.element_size() in (2, 4) and u8.is_contiguous():
+        # numpy indexes straight with the uint8 bytes (no int32 index tensor) and moves both
+        # values of a byte as one 4/8-byte word: ~4x faster than torch's gather on CPU.
+        word = torch.int32 if pair.element_size() == 2 else torch.int64
+        table = pair.contiguous().view(word).reshape(256).numpy()
+        vals = torch.from_numpy(table[u8.numpy()]).view(dtype)
+    else:
+        vals = pair[u8.to(torch.int32)]
     return vals.reshape(*u8.shape[:-1], u8.shape[-1] * 2)
 
 
@@ -157,6 +165,20 @@ def stochastic_round_fp8(x: torch.Tensor, fp8_dtype, generator: torch.Generator 
     up = (_rand_like(a, generator) < (q - lo)).to(a.dtype)
     res = ((lo + up) * ulp).clamp_(max=info.max)
     return torch.copysign(res, xf).to(fp8_dtype)
+
+
+def fp8_decode_float32(w: torch.Tensor) -> torch.Tensor:
+    """fp8 → fp32 exactly (NaN included). On CPU a 256-entry table indexed by the raw bytes
+    through numpy (a single pass, ~as fast as ``fp8_to_float32``'s bit trick and with no
+    factor to carry); elsewhere a plain cast."""
+    if w.device.type != "cpu" or not w.is_contiguous():
+        return w.to(torch.float32)
+    key = ("fp8", w.dtype)
+    table = _LUT_CACHE.get(key)
+    if table is None:
+        table = torch.arange(256, dtype=torch.uint8).view(w.dtype).to(torch.float32).numpy()
+        _LUT_CACHE[key] = table
+    return torch.from_numpy(table[w.view(torch.uint8).numpy()])
 
 
 def fp8_to_float32(w: torch.Tensor, chunk_bytes: int = 1 << 20) -> tuple[torch.Tensor, float]:

@@ -47,7 +47,7 @@ class FP4G32(QuantFormat):
             raise WanquantError("fp4_g32 scale does not match the weight", expected=f"float [{n}, {k // GROUP}]",
                                 found=f"{s.dtype} {list(s.shape)}")
         vals = decode_e2m1(w, _hi_first(conf), torch.float32).reshape(n, k // GROUP, GROUP)
-        full = (vals * s.to(device=w.device, dtype=torch.float32).unsqueeze(-1)).reshape(n, k)
+        full = vals.mul_(s.to(device=w.device, dtype=torch.float32).unsqueeze(-1)).reshape(n, k)  # fresh: in place
         return full if out_dtype == torch.float32 else full.to(out_dtype)
 
     def quantize(self, w, *, generator=None, stochastic=False, conf=None):

@@ -12,7 +12,8 @@ import logging
 import torch
 
 from ...errors import WanquantError
-from ._common import E4M3_MAX, from_blocked, kitchen, require, round_up, stochastic_round_fp8, to_blocked
+from ._common import (E4M3_MAX, fp8_decode_float32, from_blocked, kitchen, require, round_up, stochastic_round_fp8,
+                      to_blocked)
 from .base import QuantFormat
 
 BLOCK = 32
@@ -52,7 +53,7 @@ class MXFP8(QuantFormat):
         w, bs = self._parts(tensors)
         rows, cols = w.shape
         scales = e8m0_to_f32(from_blocked(bs, rows, cols // BLOCK))
-        full = (w.to(torch.float32).reshape(rows, cols // BLOCK, BLOCK) * scales.unsqueeze(-1)).reshape(rows, cols)
+        full = fp8_decode_float32(w).reshape(rows, cols // BLOCK, BLOCK).mul_(scales.unsqueeze(-1)).reshape(rows, cols)
         return self._finish(full, tensors, out_dtype, conf)
 
     def dequantize_kitchen(self, tensors, out_dtype=torch.float32, conf=None, ck=None):
@@ -70,7 +71,8 @@ class MXFP8(QuantFormat):
 
     def dequantize(self, tensors, out_dtype=torch.float32, conf=None):
         ck = kitchen()
-        if ck is not None and hasattr(ck, "dequantize_mxfp8") and hasattr(torch, "float8_e8m0fnu"):
+        on_cpu = tensors["weight"].device.type == "cpu"  # kitchen is plain torch there; our table decode is faster
+        if ck is not None and not on_cpu and hasattr(ck, "dequantize_mxfp8") and hasattr(torch, "float8_e8m0fnu"):
             try:
                 return self.dequantize_kitchen(tensors, out_dtype, conf, ck)
             except ck.BackendError as exc:  # no capable backend for this device/dtype: same math in torch

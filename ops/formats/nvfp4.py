@@ -60,7 +60,7 @@ class NVFP4(QuantFormat):
         rows, cols = w.shape[0], w.shape[1] * 2
         vals = decode_e2m1(w, True, torch.float32).reshape(rows, cols // BLOCK, BLOCK)
         total = s2 * from_blocked(bs, rows, cols // BLOCK).to(torch.float32)
-        full = (vals * total.unsqueeze(-1)).reshape(rows, cols)
+        full = vals.mul_(total.unsqueeze(-1)).reshape(rows, cols)  # vals is a fresh tensor: scale in place
         return self._finish(full, tensors, out_dtype, conf)
 
     def dequantize_kitchen(self, tensors, out_dtype=torch.float32, conf=None, ck=None):
@@ -77,7 +77,8 @@ class NVFP4(QuantFormat):
 
     def dequantize(self, tensors, out_dtype=torch.float32, conf=None):
         ck = kitchen()
-        if ck is not None:
+        if ck is not None and tensors["weight"].device.type != "cpu":
+            # on CPU kitchen only has its eager (plain torch) backend, slower than our table decode
             try:
                 return self.dequantize_kitchen(tensors, out_dtype, conf, ck)
             except ck.BackendError as exc:  # no capable backend for this device/dtype: same math in torch
