@@ -276,7 +276,7 @@ def _fuse_parts(det: Detection, file: str, report: Report, order: str) -> None:
             weight = _concat_ref([l.weight for l in ordered])
             sides = {r: _concat_ref([l.sides[r] for l in ordered]) for r in ordered[0].sides}
             fused = Layer(base, ordered[0].format, ordered[0].spelling + " (k/v fused)", weight, sides,
-                          dict(ordered[0].conf), others)
+                          dict(ordered[0].conf), others, ordered[0].nibble_order)
         else:
             weight = _dequant_concat(ordered, order)
             fused = Layer(base, "fp32", "k/v fused, dequantized to fp32 (per-tensor scales differ)", weight, {}, {}, others)
@@ -368,7 +368,8 @@ def _layer_entries(layer: Layer, order: str) -> list[Entry]:
         ws = layer.sides["weight_scale"]
         out.append(Entry(f"{n}.weight_scale", ws.shape, torch.uint8, _view(ws, torch.uint8), n))
     elif layer.format == "fp4_g32":
-        load_w = w.loader if order == "high_first" else (lambda w=w: swap_nibbles(w.load()))
+        src_order = layer.nibble_order or order
+        load_w = w.loader if src_order == "high_first" else (lambda w=w: swap_nibbles(w.load()))
         out.append(Entry(f"{n}.weight", w.shape, torch.uint8, load_w, n))
         ws = layer.sides["weight_scale"]
         out.append(Entry(f"{n}.weight_scale", ws.shape, torch.float32, lambda ws=ws: ws.load().to(torch.float32), n))

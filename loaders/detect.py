@@ -23,7 +23,7 @@ from .containers import TensorRef
 FP8_DTYPES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
 PLAIN_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-COMFY_FORMATS = ("float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8")
+COMFY_FORMATS = ("float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "fp4_g32")
 
 # Side keys, longest first so '.weight.scale_weight' is not read as '.scale_weight'.
 SIDE_SUFFIXES = (
@@ -51,6 +51,7 @@ class Layer:
     sides: dict[str, TensorRef] = field(default_factory=dict)  # role → ref
     conf: dict = field(default_factory=dict)  # comfy_quant JSON for quantized layers
     others: dict[str, TensorRef] = field(default_factory=dict)  # bias etc. (suffix → ref)
+    nibble_order: str | None = None  # FP4 group-32 only: how the source packs nibbles
 
     @property
     def quantized(self) -> bool:
@@ -259,6 +260,16 @@ def _classify_uint8(module, weight, sides, others, file, nibble_order) -> Layer:
     if extra:
         raise WanquantError("unexpected side tensor on an FP4 group-32 layer", file=file, layer=module,
                             expected="weight + weight_scale", found=", ".join(sides[r].key for r in sorted(extra)))
+    conf = {"format": "fp4_g32", "group_size": 32}
+    _check_fp4_shapes(module, weight, ws, file)
+    return Layer(module, "fp4_g32", f"FP4 group-32 ({nibble_order.replace('_', ' ')} nibble)", weight,
+                 {"weight_scale": ws}, conf, others, nibble_order)
+
+
+def _check_fp4_shapes(module, weight, ws, file) -> None:
+    if ws.dtype not in FLOAT_DTYPES:
+        raise WanquantError("FP4 group-32 scale must be a float tensor", file=file, layer=module,
+                            expected="bf16/fp16/fp32 [out, in/32]", found=str(ws.dtype))
     if len(weight.shape) != 2 or len(ws.shape) != 2:
         raise WanquantError("FP4 group-32 tensors must be matrices", file=file, layer=module,
                             expected="uint8 [out, in/2] and scale [out, in/32]",
@@ -271,11 +282,6 @@ def _classify_uint8(module, weight, sides, others, file, nibble_order) -> Layer:
     if tuple(ws.shape) != (out, k // 32):
         raise WanquantError("FP4 group scale shape does not fit the weight", file=file, layer=module,
                             expected=f"[{out}, {k // 32}] for weight [{out}, {half}]", found=f"{list(ws.shape)}")
-    conf = {"format": "fp4_g32", "group_size": 32}
-    layer = Layer(module, "fp4_g32", f"FP4 group-32 ({nibble_order.replace('_', ' ')} nibble)", weight,
-                  {"weight_scale": ws}, conf, others)
-    layer.conf_source_nibble = nibble_order  # type: ignore[attr-defined]
-    return layer
 
 
 def _classify_comfy(module, weight, sides, others, conf, file, spelling=None) -> Layer:
@@ -310,6 +316,19 @@ def _classify_comfy(module, weight, sides, others, conf, file, spelling=None) ->
         if "input_scale" in sides:
             check_scalar_scale(sides["input_scale"], file, module, "input scale")
         keep = {r: sides[r] for r in ("weight_scale", "weight_scale_2", "input_scale") if r in sides}
+    elif fmt == "fp4_g32":  # wanquant's own canonical form (already high-nibble-first)
+        ws = sides.get("weight_scale")
+        if weight.dtype != torch.uint8 or ws is None:
+            raise WanquantError("incomplete FP4 group-32 layer", file=file, layer=module,
+                                expected="uint8 weight [out, in/2] + float weight_scale [out, in/32]",
+                                found=f"{weight.dtype} weight, scales: {sorted(sides)}")
+        _check_fp4_shapes(module, weight, ws, file)
+        keep = {"weight_scale": ws}
+        leftover = set(sides) - set(keep)
+        if leftover:
+            raise WanquantError("unexpected side tensor on a fp4_g32 layer", file=file, layer=module,
+                                found=", ".join(sides[r].key for r in sorted(leftover)))
+        return Layer(module, fmt, spelling, weight, keep, dict(conf), others, "high_first")
     else:  # mxfp8
         ws = sides.get("weight_scale")
         if weight.dtype != torch.float8_e4m3fn or ws is None:

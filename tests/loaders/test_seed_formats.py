@@ -217,3 +217,22 @@ def test_prefixes_stripped(tmp_path, prefix):
     assert m.report.prefix == prefix
     # recipe: block q/k/v/o x2 + ffn.0/ffn.2 (10 per block) and head.head; embeddings/time excluded
     assert m.report.formats["float8_e4m3fn"] == 2 * 10 + 1
+
+
+def test_canonical_fp4_g32_file_reloads_without_double_swap(tmp_path):
+    """A file written in canonical form (comfy_quant fp4_g32, high-nibble-first) reads back as is,
+    even though the default order for *unmarked* FP4 files is low-nibble-first."""
+    from wanquant.loaders.writer import write_safetensors
+
+    sd = tiny_wan()
+    q = syn.fp4_g32(sd, ["blocks.0.ffn.0", "blocks.1.self_attn.q"], order="low_first")
+    first = load_canonical(syn.save(q, tmp_path / "src.safetensors"))
+    out = tmp_path / "canonical.safetensors"
+    write_safetensors(out, [(e.key, e.shape, e.dtype, e.load) for e in first.entries.values()])
+    again = load_canonical(out)
+    assert again.layers["blocks.0.ffn.0"].format == "fp4_g32"
+    assert again.layers["blocks.0.ffn.0"].spelling.startswith("comfy_quant")
+    for l in ("blocks.0.ffn.0", "blocks.1.self_attn.q"):
+        assert torch.equal(again.entries[f"{l}.weight"].load(), first.entries[f"{l}.weight"].load())
+        got = ref_fp4_g32(again.entries[f"{l}.weight"].load(), again.entries[f"{l}.weight_scale"].load(), "high_first")
+        assert torch.equal(got, ref_fp4_g32(q[f"{l}.weight"], q[f"{l}.weight_scale"], "low_first"))
