@@ -19,21 +19,6 @@ from .errors import WanquantError
 log = logging.getLogger("wanquant")
 
 
-def _tqdm_progress(desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None, lambda: None
-    bar = tqdm(desc=desc, unit="tensor", leave=False, file=sys.stderr)
-
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    return update, bar.close
-
-
 def format_report(rep) -> str:
     """Human-readable inspect report."""
     from .loaders.report_text import report_lines
@@ -56,7 +41,9 @@ def cmd_inspect(args) -> int:
 def cmd_convert(args) -> int:
     from .loaders.convert import convert
 
-    progress, close = _tqdm_progress("convert")
+    from .loaders.progress import tqdm_progress
+
+    progress, close = tqdm_progress("convert")
     try:
         result = convert(args.src, args.dst, base=args.base, to=args.to, nibble_order=args.nibble_order,
                          progress=progress)

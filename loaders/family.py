@@ -62,7 +62,7 @@ def recognise(shapes: dict[str, tuple[int, ...]]) -> Family:
     elif out_dim == 48:
         variant = "Wan2.2-TI2V-5B"
     elif in_dim == 36:
-        variant = f"Wan2.2-I2V-A14B expert (no CLIP image embedding)" if dim == 5120 else f"Wan2.2-I2V{size} (no CLIP image embedding)"
+        variant = "Wan2.2-I2V-A14B expert (no CLIP image embedding)" if dim == 5120 else f"Wan2.2-I2V{size} (no CLIP image embedding)"
     elif in_dim is None and dim == 5120:
         variant = "Wan2.1-T2V-14B family (patch embedding absent)"
     else:

@@ -6,7 +6,7 @@ The work is :func:`wanquant.loaders.lora_merge.merge_lora_file`; ``cli.py`` call
 
 from __future__ import annotations
 
-import sys
+from .progress import tqdm_progress
 
 
 def register(subparsers) -> None:
@@ -29,24 +29,11 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_merge_lora)
 
 
-def _progress():
-    from tqdm import tqdm
-
-    bar = tqdm(desc="merge-lora", unit="tensor", leave=False, file=sys.stderr)
-
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    return update, bar.close
-
-
 def cmd_merge_lora(args) -> int:
     from .lora_merge import merge_lora_file, parse_lora_arg
 
     loras = [parse_lora_arg(a) for a in args.loras]
-    update, close = _progress()
+    update, close = tqdm_progress("merge-lora")
     try:
         result = merge_lora_file(args.model, loras, args.output, stochastic=not args.nearest,
                                  allow_unmatched=not args.strict, progress=update, fp4_to=args.fp4_to,

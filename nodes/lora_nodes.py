@@ -81,16 +81,6 @@ def model_shapes(patcher) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     return shapes, formats
 
 
-def _comfy_patch(patch):
-    """One of our patches as the value ComfyUI's ``add_patches`` expects."""
-    from comfy.weight_adapter import LoRAAdapter
-
-    if patch.kind == "lora":
-        return LoRAAdapter(set(patch.keys), (patch.up, patch.down, patch.alpha, None, None, None))
-    diff = patch.diff * patch.scale if patch.scale != 1.0 else patch.diff
-    return ("diff", (diff,))
-
-
 def apply_lora(model, lora_path: str, strength: float, mode: str = "merge"):
     """Clone ``model`` and add the LoRA; returns (new MODEL, report text).
 
