@@ -151,20 +151,33 @@ def stochastic_round_fp8(x: torch.Tensor, fp8_dtype, generator: torch.Generator 
 
     The step between neighbours is 2**(e - mantissa_bits) for the value's binade (constant
     below the smallest normal); rounding up with probability equal to the fractional position
-    makes the result unbiased."""
+    makes the result unbiased. In the normal range that is done on the fp32 bit pattern: add a
+    uniform random integer below the dropped mantissa bits, then clear them (a carry into the
+    exponent is exactly the round-up into the next binade). Few passes, no frexp/ldexp. The
+    rare values below the smallest normal fp8 (fixed step) take the arithmetic route."""
     info = torch.finfo(fp8_dtype)
     mbits = 3 if fp8_dtype == torch.float8_e4m3fn else 2
     emin = -6 if fp8_dtype == torch.float8_e4m3fn else -14
     xf = torch.nan_to_num(x.float(), nan=0.0)
-    a = xf.abs().clamp_(max=info.max)
-    _, exp = torch.frexp(a)
-    e = (exp - 1).clamp_(min=emin)
-    ulp = torch.ldexp(torch.ones_like(a), (e - mbits))
-    q = a / ulp
-    lo = torch.floor(q)
-    up = (_rand_like(a, generator) < (q - lo)).to(a.dtype)
-    res = ((lo + up) * ulp).clamp_(max=info.max)
+    a = xf.abs().clamp_(max=info.max).contiguous()
+    drop = 23 - mbits
+    noise = _randint_like(a, 1 << drop, generator)
+    res = a.view(torch.int32).add(noise).bitwise_and_(~((1 << drop) - 1)).view(torch.float32)
+    res.clamp_(max=info.max)
+    small = a < 2.0 ** emin
+    if bool(small.any()):
+        ulp = 2.0 ** (emin - mbits)
+        q = a[small] / ulp
+        lo = torch.floor(q)
+        up = (_rand_like(q, generator) < (q - lo)).to(q.dtype)
+        res[small] = (lo + up) * ulp
     return torch.copysign(res, xf).to(fp8_dtype)
+
+
+def _randint_like(a: torch.Tensor, high: int, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None or generator.device == a.device:
+        return torch.randint(0, high, a.shape, generator=generator, device=a.device, dtype=torch.int32)
+    return torch.randint(0, high, a.shape, generator=generator, dtype=torch.int32).to(a.device)
 
 
 def fp8_decode_float32(w: torch.Tensor) -> torch.Tensor:
