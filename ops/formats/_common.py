@@ -113,6 +113,10 @@ _E2M1_THRESH = ((0.25, False), (0.75, True), (1.25, False), (1.75, True),
                 (2.5, False), (3.5, True), (5.0, False))
 
 
+# code of an E2M1 magnitude, indexed by twice the magnitude (0, 1, 2, 3, 4, 6, 8, 12)
+_E2M1_CODE_OF_TWICE = torch.tensor([0, 1, 2, 3, 4, 0, 5, 0, 6, 0, 0, 0, 7], dtype=torch.uint8)
+
+
 def encode_e2m1(x: torch.Tensor, *, generator: torch.Generator | None = None,
                 stochastic: bool = False) -> torch.Tensor:
     """Values already divided by their scale (|x| <= 6 after clamping) -> uint8 codes 0-15.
@@ -124,14 +128,17 @@ def encode_e2m1(x: torch.Tensor, *, generator: torch.Generator | None = None,
     a = xf.abs().clamp_(max=E2M1_MAX)
     a = torch.nan_to_num(a, nan=0.0)
     if stochastic:
-        grid = torch.tensor(E2M1_VALUES, device=x.device)
-        idx_lo = (torch.bucketize(a, grid, right=True) - 1).clamp_(0, 7)
-        idx_hi = (idx_lo + 1).clamp_(max=7)
-        lo, hi = grid[idx_lo], grid[idx_hi]
-        span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-        p = (a - lo) / span
+        # E2M1 is a float with one mantissa bit and smallest normal 1.0 (step 0.5 below it).
+        # At and above 1: add uniform random low bits to the fp32 pattern and clear them (a carry
+        # is the round-up into the next binade). Below 1: floor(2a)/2 plus a Bernoulli step.
         r = _rand_like(a, generator)
-        code = torch.where(r < p, idx_hi, idx_lo).to(torch.uint8)
+        noise = (r * float(1 << 22)).to(torch.int32)
+        big = a.contiguous().view(torch.int32).add(noise).bitwise_and_(~((1 << 22) - 1)).view(torch.float32)
+        q = a * 2.0
+        lo = torch.floor(q)
+        small = lo.add_((r < (q - lo)).to(torch.float32)).mul_(0.5)
+        val = torch.where(a < 1.0, small, big).clamp_(max=E2M1_MAX)
+        code = _E2M1_CODE_OF_TWICE.to(x.device)[(val * 2.0).to(torch.int64)]
     else:
         code = torch.zeros(a.shape, dtype=torch.uint8, device=x.device)
         for t, up in _E2M1_THRESH:
