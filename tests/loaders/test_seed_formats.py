@@ -236,3 +236,29 @@ def test_canonical_fp4_g32_file_reloads_without_double_swap(tmp_path):
         assert torch.equal(again.entries[f"{l}.weight"].load(), first.entries[f"{l}.weight"].load())
         got = ref_fp4_g32(again.entries[f"{l}.weight"].load(), again.entries[f"{l}.weight_scale"].load(), "high_first")
         assert torch.equal(got, ref_fp4_g32(q[f"{l}.weight"], q[f"{l}.weight_scale"], "low_first"))
+
+
+def test_magihuman_non_wan_keys_inspect_and_convert(tmp_path, capsys):
+    """MagiHuman is not a Wan architecture: its __fp8_scale format is still read, reported and
+    converted (bit-exact payload), and the verdict says it will not run as Wan."""
+    from wanquant.cli import main as cli_main
+    from wanquant.loaders.convert import convert
+
+    g = torch.Generator().manual_seed(2)
+    sd = {}
+    for i in range(2):
+        sd[f"block.layers.{i}.attention.linear_qkv.weight"] = torch.randn(1536, 512, generator=g).bfloat16()
+        sd[f"block.layers.{i}.mlp.up_gate_proj.weight"] = torch.randn(2048, 512, generator=g).bfloat16()
+        sd[f"block.layers.{i}.attention.pre_norm.weight"] = torch.ones(512).bfloat16()
+    sd["adapter.video_embedder.weight"] = torch.randn(512, 192, generator=g).bfloat16()
+    q = syn.magihuman_fp8(sd, min_numel=500_000)
+    p = syn.save(q, tmp_path / "magi.safetensors")
+    assert cli_main(["inspect", str(p), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["family"] == "non-wan" and out["formats"]["float8_e4m3fn"] == 4
+    assert "not a Wan DiT" in out["verdict"]
+    res = convert(p, tmp_path / "magi_native.safetensors")
+    back = load_canonical(res.dst)
+    k = "block.layers.1.mlp.up_gate_proj"
+    assert torch.equal(bits(back.entries[f"{k}.weight"].load()), bits(q[f"{k}.weight"]))
+    assert back.entries[f"{k}.weight_scale"].load().item() == q[f"{k}.weight.__fp8_scale"].item()
