@@ -8,7 +8,11 @@ so adding a format is one module plus its tests.
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class QuantFormat:
@@ -47,3 +51,35 @@ class QuantFormat:
 
     def __repr__(self) -> str:
         return f"<QuantFormat {self.name}>"
+
+
+class BlockScaledFormat(QuantFormat):
+    """NVFP4 / MXFP8: padded storage, blocked scales, a kitchen dequant on GPU and our own
+    table decode elsewhere (on CPU kitchen has only its eager backend, which is slower)."""
+
+    def kitchen_can_dequantize(self, ck) -> bool:
+        return True
+
+    def dequantize_kitchen(self, tensors, out_dtype=torch.float32, conf=None, ck=None):
+        raise NotImplementedError
+
+    def dequantize_torch(self, tensors, out_dtype=torch.float32, conf=None):
+        raise NotImplementedError
+
+    def dequantize(self, tensors, out_dtype=torch.float32, conf=None):
+        from ._common import kitchen
+
+        ck = kitchen()
+        if ck is not None and tensors["weight"].device.type != "cpu" and self.kitchen_can_dequantize(ck):
+            try:
+                return self.dequantize_kitchen(tensors, out_dtype, conf, ck)
+            except ck.BackendError as exc:  # no capable backend for this device/dtype: same math in torch
+                log.debug("kitchen %s dequant unavailable (%s); using torch", self.name, exc)
+        return self.dequantize_torch(tensors, out_dtype, conf)
+
+    def _finish(self, full, tensors, out_dtype, conf):
+        """Crop the padded result to the layer's original shape and cast once."""
+        n, k = self.orig_shape(tensors, conf)
+        if (n, k) != tuple(full.shape):
+            full = full[:n, :k]
+        return full.to(out_dtype) if out_dtype != torch.float32 else full

@@ -14,7 +14,7 @@ import torch
 from ...errors import WanquantError
 from ._common import (E4M3_MAX, fp8_decode_float32, from_blocked, kitchen, require, round_up, stochastic_round_fp8,
                       to_blocked)
-from .base import QuantFormat
+from .base import BlockScaledFormat
 
 BLOCK = 32
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def e8m0_to_f32(codes_u8: torch.Tensor) -> torch.Tensor:
     return (codes_u8.to(torch.int32) << 23).view(torch.float32)
 
 
-class MXFP8(QuantFormat):
+class MXFP8(BlockScaledFormat):
     name = "mxfp8"
     storage_dtype = torch.float8_e4m3fn
     group_size = BLOCK
@@ -63,21 +63,8 @@ class MXFP8(QuantFormat):
                                    output_type=torch.float32)
         return self._finish(full, tensors, out_dtype, conf)
 
-    def _finish(self, full, tensors, out_dtype, conf):
-        n, k = self.orig_shape(tensors, conf)
-        if (n, k) != tuple(full.shape):
-            full = full[:n, :k]
-        return full.to(out_dtype) if out_dtype != torch.float32 else full
-
-    def dequantize(self, tensors, out_dtype=torch.float32, conf=None):
-        ck = kitchen()
-        on_cpu = tensors["weight"].device.type == "cpu"  # kitchen is plain torch there; our table decode is faster
-        if ck is not None and not on_cpu and hasattr(ck, "dequantize_mxfp8") and hasattr(torch, "float8_e8m0fnu"):
-            try:
-                return self.dequantize_kitchen(tensors, out_dtype, conf, ck)
-            except ck.BackendError as exc:  # no capable backend for this device/dtype: same math in torch
-                log.debug("kitchen mxfp8 dequant unavailable (%s); using torch", exc)
-        return self.dequantize_torch(tensors, out_dtype, conf)
+    def kitchen_can_dequantize(self, ck) -> bool:
+        return hasattr(ck, "dequantize_mxfp8") and hasattr(torch, "float8_e8m0fnu")
 
     def quantize(self, w, *, generator=None, stochastic=False, conf=None):
         if w.ndim != 2:

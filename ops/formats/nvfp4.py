@@ -16,13 +16,13 @@ import torch
 from ...errors import WanquantError
 from ._common import (E2M1_MAX, E4M3_MAX, as_scalar_f32, decode_e2m1, encode_e2m1, from_blocked,
                       kitchen, pack_codes, require, round_up, to_blocked)
-from .base import QuantFormat
+from .base import BlockScaledFormat
 
 BLOCK = 16
 log = logging.getLogger(__name__)
 
 
-class NVFP4(QuantFormat):
+class NVFP4(BlockScaledFormat):
     name = "nvfp4"
     storage_dtype = torch.uint8
     group_size = BLOCK
@@ -68,22 +68,6 @@ class NVFP4(QuantFormat):
         w, bs, s2 = self._parts(tensors)
         full = ck.dequantize_nvfp4(w, s2, bs.reshape(round_up(w.shape[0], 128), -1), output_type=torch.float32)
         return self._finish(full, tensors, out_dtype, conf)
-
-    def _finish(self, full, tensors, out_dtype, conf):
-        n, k = self.orig_shape(tensors, conf)
-        if (n, k) != tuple(full.shape):
-            full = full[:n, :k]
-        return full.to(out_dtype) if out_dtype != torch.float32 else full
-
-    def dequantize(self, tensors, out_dtype=torch.float32, conf=None):
-        ck = kitchen()
-        if ck is not None and tensors["weight"].device.type != "cpu":
-            # on CPU kitchen only has its eager (plain torch) backend, slower than our table decode
-            try:
-                return self.dequantize_kitchen(tensors, out_dtype, conf, ck)
-            except ck.BackendError as exc:  # no capable backend for this device/dtype: same math in torch
-                log.debug("kitchen nvfp4 dequant unavailable (%s); using torch", exc)
-        return self.dequantize_torch(tensors, out_dtype, conf)
 
     def quantize(self, w, *, generator=None, stochastic=False, conf=None):
         if w.ndim != 2:
