@@ -60,23 +60,39 @@ def plan(present: list[str], torch_ver: str | None, platform: str) -> tuple[str,
     return "install", "onnxruntime"
 
 
-def ensure_onnxruntime(run=subprocess.run) -> str:
+FAILED_MARKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".onnxruntime_install_failed")
+PIP_QUICK = ["--retries", "1", "--timeout", "15"]  # an offline machine must not hold ComfyUI's start
+
+
+def ensure_onnxruntime(run=subprocess.run, marker: str = FAILED_MARKER) -> str:
+    """Make sure exactly one onnxruntime wheel is installed (see the module docstring).
+
+    A failed install (offline, no pip) is tried only once: ``marker`` records it and later starts
+    just log the command to run by hand (delete the marker to try again)."""
     action, detail = plan(installed(), torch_version(), sys.platform)
     if action == "conflict":
         log.warning("[wanquant] several onnxruntime packages are installed (%s); they share one module and "
                     "shadow each other. Fix: %s", ", ".join(installed()), detail)
     elif action == "install":
-        if os.environ.get("WANQUANT_NO_ORT_INSTALL"):
-            log.warning("[wanquant] no onnxruntime installed (pose nodes need it): pip install %s", detail)
+        if os.environ.get("WANQUANT_NO_ORT_INSTALL") or os.path.exists(marker):
+            log.warning("[wanquant] no onnxruntime installed (the pose nodes need it): pip install %s", detail)
             return "skipped"
         log.info("[wanquant] installing %s for the pose nodes (set WANQUANT_NO_ORT_INSTALL=1 to skip)", detail)
         try:
-            r = run([sys.executable, "-m", "pip", "install", detail], capture_output=True, text=True, timeout=900)
-            if r.returncode != 0:
-                log.warning("[wanquant] pip install %s failed: %s", detail, (r.stderr or "")[-500:])
-                return "failed"
+            r = run([sys.executable, "-m", "pip", "install", *PIP_QUICK, detail], capture_output=True, text=True,
+                    timeout=600)
+            failed = r.returncode != 0
+            why = (r.stderr or "")[-500:]
         except Exception as exc:  # offline, no pip: the pose loader will say what is missing
-            log.warning("[wanquant] could not install %s: %s", detail, exc)
+            failed, why = True, str(exc)
+        if failed:
+            log.warning("[wanquant] pip install %s failed (not retried on later starts; delete %s to retry): %s",
+                        detail, marker, why)
+            try:
+                with open(marker, "w") as f:
+                    f.write(detail + "\n")
+            except OSError:
+                pass
             return "failed"
     return action
 

@@ -143,18 +143,32 @@ def test_both_onnxruntimes_is_reported_with_the_fix(prestart):
     assert fix == "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
 
 
-def test_ensure_installs_one_wheel_and_nothing_else(prestart, monkeypatch):
+def test_ensure_installs_one_wheel_and_nothing_else(prestart, monkeypatch, tmp_path):
     calls = []
+    monkeypatch.setattr(prestart, "FAILED_MARKER", str(tmp_path / "marker"))
     monkeypatch.setattr(prestart, "installed", lambda *a: [])
     monkeypatch.setattr(prestart, "torch_version", lambda: "2.9.0+cu130")
     monkeypatch.setattr(prestart.sys, "platform", "linux")
     monkeypatch.delenv("WANQUANT_NO_ORT_INSTALL", raising=False)
     run = lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", "")  # noqa: E731
-    assert prestart.ensure_onnxruntime(run=run) == "install"
-    assert calls == [[sys.executable, "-m", "pip", "install", "onnxruntime-gpu"]]
+    marker = str(tmp_path / "marker")
+    assert prestart.ensure_onnxruntime(run=run, marker=marker) == "install"
+    assert calls == [[sys.executable, "-m", "pip", "install", *prestart.PIP_QUICK, "onnxruntime-gpu"]]
     monkeypatch.setenv("WANQUANT_NO_ORT_INSTALL", "1")
     calls.clear()
-    assert prestart.ensure_onnxruntime(run=run) == "skipped" and calls == []
+    assert prestart.ensure_onnxruntime(run=run, marker=marker) == "skipped" and calls == []
+
+
+def test_failed_install_is_not_retried_on_every_start(prestart, monkeypatch, tmp_path):
+    monkeypatch.setattr(prestart, "installed", lambda *a: [])
+    monkeypatch.setattr(prestart, "torch_version", lambda: "2.13.0+cpu")
+    monkeypatch.delenv("WANQUANT_NO_ORT_INSTALL", raising=False)
+    calls = []
+    offline = lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 1, "", "no network")  # noqa: E731
+    marker = tmp_path / "marker"
+    assert prestart.ensure_onnxruntime(run=offline, marker=str(marker)) == "failed"
+    assert marker.exists() and len(calls) == 1
+    assert prestart.ensure_onnxruntime(run=offline, marker=str(marker)) == "skipped" and len(calls) == 1
 
 
 def test_ensure_changes_nothing_on_conflict(prestart, monkeypatch, caplog):
