@@ -7,8 +7,12 @@ export ``NODE_CLASS_MAPPINGS`` because ComfyUI would then never call the V3 entr
 """
 
 import importlib.util
+import sys
 
 __version__ = "0.1.0"
 
-if importlib.util.find_spec("comfy_api") is not None and importlib.util.find_spec("comfy") is not None:
+# ComfyUI has imported its `comfy` package before it loads custom nodes. Checking sys.modules (not
+# just importability) keeps the `wanquant` command fast and ComfyUI-free even when it is run from
+# a ComfyUI folder where `comfy_api` happens to be importable.
+if "comfy" in sys.modules and importlib.util.find_spec("comfy_api") is not None:
     from .nodes import comfy_entrypoint  # noqa: F401  (ComfyUI looks this name up)
