@@ -28,6 +28,9 @@ def report_lines(rep) -> list[str]:
     for group, mods in rep.extras.items():
         lines.append(f"extra modules kept under their own names: {group} ({len(mods)}: {', '.join(mods[:3])}"
                      f"{', ...' if len(mods) > 3 else ''})")
+    if rep.unrecognised:
+        shown = ", ".join(rep.unrecognised[:5]) + (f", ... ({len(rep.unrecognised)} in all)" if len(rep.unrecognised) > 5 else "")
+        lines.append(f"unrecognised keys (kept under their own names): {shown}")
     if rep.missing:
         lines.append("missing for a full model: " + "; ".join(rep.missing[:8]) + (" ..." if len(rep.missing) > 8 else ""))
     for note in rep.notes:

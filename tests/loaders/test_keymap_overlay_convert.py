@@ -174,3 +174,12 @@ def test_cli_without_arguments_runs_the_example(capsys):
     assert cli_main([]) == 0
     out = capsys.readouterr().out
     assert "verdict: loadable" in out and "wrote" in out and "diffusers" in out
+
+
+def test_inspect_text_lists_unrecognised_keys(tmp_path, capsys):
+    d = syn.to_diffusers(tiny_wan())
+    d["condition_embedder.mystery_embedder.linear_1.weight"] = torch.zeros(4, 4)
+    p = syn.save(d, tmp_path / "a.safetensors")
+    assert cli_main(["inspect", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "unrecognised keys (kept under their own names): condition_embedder.mystery_embedder.linear_1.weight" in out
