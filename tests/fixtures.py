@@ -164,3 +164,24 @@ def denoise(patcher, seed=0):
         return patcher.model.apply_model(x, t, c_crossattn=ctx).float()
 
 
+
+
+def loader_node(model_name, base_name="(none)", policy="auto") -> dict:
+    """API-format node for wanquant's loader."""
+    return {"class_type": "WanQuantLoadDiT", "inputs": {"model_name": model_name, "base_name": base_name,
+                                                        "op_policy": policy, "compute_dtype": "auto",
+                                                        "fp4_nibble_order": "auto"}}
+
+
+def sampler_prompt(load: dict, seed: int = 0) -> dict:
+    """API prompt: node "1" (the given loader) → KSampler (2 steps, 64x64x1 empty Wan latent, stand-in
+    conditioning) → "5" latent statistics. Callers may insert nodes between "1" and KSampler ("4")."""
+    return {
+        "1": load,
+        "2": {"class_type": "WanQuantTestConditioning", "inputs": {"seed": seed, "tokens": 8, "width": 4096}},
+        "3": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 1, "batch_size": 1}},
+        "4": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": 2, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "simple", "positive": ["2", 0],
+                                                   "negative": ["2", 0], "latent_image": ["3", 0], "denoise": 1.0}},
+        "5": {"class_type": "WanQuantTestLatentStats", "inputs": {"samples": ["4", 0]}},
+    }

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -147,9 +146,10 @@ def comfy_inprocess():
         sys.path.insert(0, STUBS)
     try:
         from comfy.cli_args import args
+
+        args.cpu = True
+        import comfy.model_management  # noqa: F401  (must come after args.cpu)
     except ImportError as exc:
         pytest.skip(f"ComfyUI at {COMFYUI_PATH} is not importable from this interpreter ({exc}); "
                     f"run these tests with the ComfyUI venv's python")
-    args.cpu = True
-    import comfy.model_management  # noqa: F401  (must come after args.cpu)
     return Path(COMFYUI_PATH)

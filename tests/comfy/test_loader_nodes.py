@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 import torch
-from fixtures import SEEDS, TOLERANCE, build_seed, denoise as _denoise, syn, tiny_wan
+from fixtures import SEEDS, TOLERANCE, build_seed, denoise as _denoise, loader_node, sampler_prompt, syn, tiny_wan
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
                                 reason="COMFYUI_PATH is not set; real-ComfyUI tests skipped")
@@ -96,17 +96,7 @@ def test_pack_imports_and_lists_nodes(comfy_server):
 
 
 def _prompt(model_name, base_name="(none)", policy="auto", seed=0):
-    return {
-        "1": {"class_type": "WanQuantLoadDiT", "inputs": {"model_name": model_name, "base_name": base_name,
-                                                          "op_policy": policy, "compute_dtype": "auto",
-                                                          "fp4_nibble_order": "auto"}},
-        "2": {"class_type": "WanQuantTestConditioning", "inputs": {"seed": seed, "tokens": 8, "width": 4096}},
-        "3": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 1, "batch_size": 1}},
-        "4": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": 2, "cfg": 1.0,
-                                                   "sampler_name": "euler", "scheduler": "simple", "positive": ["2", 0],
-                                                   "negative": ["2", 0], "latent_image": ["3", 0], "denoise": 1.0}},
-        "5": {"class_type": "WanQuantTestLatentStats", "inputs": {"samples": ["4", 0]}},
-    }
+    return sampler_prompt(loader_node(model_name, base_name, policy), seed)
 
 
 @pytest.mark.parametrize("kind", SEEDS)

@@ -19,6 +19,7 @@ import torch
 
 from wanquant.loaders import synthetic as syn
 from wanquant.loaders.lora import render_lora
+from fixtures import loader_node, sampler_prompt  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
                                 reason="COMFYUI_PATH is not set; real-ComfyUI tests skipped")
@@ -248,19 +249,8 @@ def test_i2v_lora_on_t2v_model_warns_in_the_report(comfy_inprocess, tmp_path):
 
 def _prompt(model_name, lora_name=None, mode="merge", strength=1.0, seed=0, loader="UNETLoader"):
     load = ({"class_type": "UNETLoader", "inputs": {"unet_name": model_name, "weight_dtype": "default"}}
-            if loader == "UNETLoader" else
-            {"class_type": "WanQuantLoadDiT", "inputs": {"model_name": model_name, "base_name": "(none)",
-                                                         "op_policy": "auto", "compute_dtype": "auto",
-                                                         "fp4_nibble_order": "auto"}})
-    p = {
-        "1": load,
-        "2": {"class_type": "WanQuantTestConditioning", "inputs": {"seed": seed, "tokens": 8, "width": 4096}},
-        "3": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 1, "batch_size": 1}},
-        "4": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": 2, "cfg": 1.0,
-                                                   "sampler_name": "euler", "scheduler": "simple", "positive": ["2", 0],
-                                                   "negative": ["2", 0], "latent_image": ["3", 0], "denoise": 1.0}},
-        "5": {"class_type": "WanQuantTestLatentStats", "inputs": {"samples": ["4", 0]}},
-    }
+            if loader == "UNETLoader" else loader_node(model_name))
+    p = sampler_prompt(load, seed)
     if lora_name:
         p["6"] = {"class_type": "WanQuantApplyLoRA", "inputs": {"model": ["1", 0], "lora_name": lora_name,
                                                                 "strength": strength, "mode": mode}}
