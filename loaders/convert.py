@@ -78,10 +78,29 @@ def _fp4_to_target(name: str, entries: dict[str, Entry], to: str, errors: dict[s
 
     if to == "bf16":
         return [Entry(f"{name}.weight", (n, k), torch.bfloat16, take("weight"), name)]
-    probe, conf = get_format(to).quantize(torch.zeros(n, k))  # shapes/dtypes only (cheap: zeros)
-    out = [Entry(f"{name}.{s}", tuple(t.shape), t.dtype, take(s), name) for s, t in probe.items()]
+    layout, conf = _target_layout(to, n, k)
+    out = [Entry(f"{name}.{s}", shape, dtype, take(s), name) for s, (shape, dtype) in layout.items()]
     out.append(Entry(f"{name}.comfy_quant", tuple(comfy_quant_tensor(conf).shape), torch.uint8, take("comfy_quant"), name))
     return out
+
+
+def _roundup(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _target_layout(to: str, n: int, k: int) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], dict]:
+    """Shapes, dtypes and comfy_quant of a re-encoded [n, k] layer, known before any data is read
+    (the writer's header needs them up front; quantizing a dummy layer per layer to learn them
+    would cost as much as the conversion). The writer checks every produced tensor against this."""
+    if to == "float8_e4m3fn":
+        return {"weight": ((n, k), torch.float8_e4m3fn), "weight_scale": ((), torch.float32)}, {"format": to}
+    if to == "nvfp4":  # stored padded to 16 x 16, blocked 128x4 scales, one per 16 inputs
+        pn, pk = _roundup(n, 16), _roundup(k, 16)
+        conf = {"format": to} if (pn, pk) == (n, k) else {"format": to, "orig_shape": [n, k]}
+        return {"weight": ((pn, pk // 2), torch.uint8),
+                "weight_scale": ((_roundup(pn, 128), _roundup(pk // 16, 4)), torch.float8_e4m3fn),
+                "weight_scale_2": ((), torch.float32)}, conf
+    raise WanquantError("unknown --to target for FP4 group-32", expected=" / ".join(FP4_TARGETS), found=to)
 
 
 def plan(model: CanonicalModel, to: str, errors: dict[str, float]) -> list[Entry]:

@@ -183,3 +183,16 @@ def test_inspect_text_lists_unrecognised_keys(tmp_path, capsys):
     assert cli_main(["inspect", str(p)]) == 0
     out = capsys.readouterr().out
     assert "unrecognised keys (kept under their own names): condition_embedder.mystery_embedder.linear_1.weight" in out
+
+
+@pytest.mark.parametrize("to", ["float8_e4m3fn", "nvfp4"])
+@pytest.mark.parametrize("n,k", [(256, 512), (40, 96), (130, 32)])
+def test_planned_fp4_target_layout_matches_the_encoder(to, n, k):
+    """convert plans header shapes without quantizing; they must be what the encoder produces."""
+    from wanquant.loaders.convert import _target_layout
+    from wanquant.ops.formats import get_format
+
+    layout, conf = _target_layout(to, n, k)
+    tensors, got_conf = get_format(to).quantize(torch.randn(n, k))
+    assert got_conf == conf
+    assert {s: (tuple(t.shape), t.dtype) for s, t in tensors.items()} == layout
