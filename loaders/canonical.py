@@ -298,13 +298,19 @@ def _dequant_concat(layers: list[Layer], order: str) -> TensorRef:
                 rows.append(ents["weight"].float())
         return torch.cat(rows, 0)
 
+    shapes = [_logical_shape(l) for l in layers]
     w0 = layers[0].weight
-    out = sum(l.weight.shape[0] for l in layers) if layers[0].format not in ("nvfp4", "mxfp8", "fp4_g32") else None
-    n = out if out is not None else sum(int(l.conf.get("orig_shape", [l.weight.shape[0]])[0]) for l in layers)
-    k = w0.shape[1] * (2 if layers[0].format in ("nvfp4", "fp4_g32") else 1)
-    if layers[0].conf.get("orig_shape"):
-        k = int(layers[0].conf["orig_shape"][1])
-    return TensorRef("+".join(l.weight.key for l in layers), (n, k), torch.float32, w0.file, load)
+    return TensorRef("+".join(l.weight.key for l in layers), (sum(n for n, _ in shapes), shapes[0][1]),
+                     torch.float32, w0.file, load)
+
+
+def _logical_shape(layer: Layer) -> tuple[int, int]:
+    """[out, in] of a layer as the model sees it (packed and padded storage undone)."""
+    if layer.conf.get("orig_shape"):
+        n, k = layer.conf["orig_shape"]
+        return int(n), int(k)
+    n, k = layer.weight.shape[0], layer.weight.shape[1]
+    return (n, k * 2) if layer.format in ("nvfp4", "fp4_g32") else (n, k)
 
 
 def _fill_family(report: Report, fam: Family) -> None:

@@ -67,8 +67,10 @@ def build_canonical(path: str, base: str | None = None, nibble_order: str = "aut
 
 def split_extras(model: CanonicalModel) -> tuple[list[str], list[str]]:
     """Keys ComfyUI's Wan has no place for (kept aside, listed), and the rest."""
-    extras = [k for k in model.entries if is_extra(k) or k in model.report.unrecognised]
-    keep = [k for k in model.entries if k not in set(extras)]
+    unrecognised = set(model.report.unrecognised)
+    extras = [k for k in model.entries if is_extra(k) or k in unrecognised]
+    aside = set(extras)
+    keep = [k for k in model.entries if k not in aside]
     return keep, extras
 
 
