@@ -71,6 +71,16 @@ def _files_signature(path: str) -> tuple:
     return tuple(sig)
 
 
+def _fingerprint(model_names, *options):
+    """What decides a node's result: the files behind each chosen name (size, mtime) and the options.
+    None when a name does not resolve; execute() then reports the problem."""
+    try:
+        files = tuple(_files_signature(resolve(n)) if n != NONE else None for n in model_names)
+    except WanquantError:
+        return None
+    return (files, *options)
+
+
 def _progress_cb(total_hint: int = 0):
     import comfy.utils
 
@@ -119,12 +129,7 @@ class WanQuantLoadDiT(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, model_name, base_name=NONE, op_policy="auto", compute_dtype="auto",
                            fp4_nibble_order="auto"):
-        try:
-            files = _files_signature(resolve(model_name))
-            base = _files_signature(resolve(base_name)) if base_name != NONE else None
-        except WanquantError:
-            return None
-        return (files, base, op_policy, compute_dtype, fp4_nibble_order)
+        return _fingerprint((model_name, base_name), op_policy, compute_dtype, fp4_nibble_order)
 
     @classmethod
     def execute(cls, model_name, base_name=NONE, op_policy="auto", compute_dtype="auto", fp4_nibble_order="auto"):
@@ -151,10 +156,7 @@ class WanQuantInspect(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, model_name, fp4_nibble_order="auto"):
-        try:
-            return (_files_signature(resolve(model_name)), fp4_nibble_order)
-        except WanquantError:
-            return None
+        return _fingerprint((model_name,), fp4_nibble_order)
 
     @classmethod
     def execute(cls, model_name, fp4_nibble_order="auto"):
@@ -193,11 +195,7 @@ class WanQuantRemap(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, model_name, base_name=NONE, save_as="", fp4_target="float8_e4m3fn", op_policy="auto"):
-        try:
-            base = _files_signature(resolve(base_name)) if base_name != NONE else None
-            return (_files_signature(resolve(model_name)), base, save_as, fp4_target, op_policy)
-        except WanquantError:
-            return None
+        return _fingerprint((model_name, base_name), save_as, fp4_target, op_policy)
 
     @classmethod
     def execute(cls, model_name, base_name=NONE, save_as="", fp4_target="float8_e4m3fn", op_policy="auto"):
