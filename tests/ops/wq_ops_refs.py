@@ -7,6 +7,8 @@ product in fp64.
 
 import torch
 
+from fixtures import unblock
+
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
 
@@ -15,13 +17,8 @@ def e2m1_value(code: int) -> float:
     return -v if code & 8 else v
 
 
-def ref_unblock(b: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    flat = b.reshape(-1)
-    nct = (cols + 3) // 4
-    r = torch.arange(rows).unsqueeze(1)
-    c = torch.arange(cols).unsqueeze(0)
-    off = ((r // 128) * nct + c // 4) * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4
-    return flat[off]
+# the blocked-scale offset formula, written once for all tests (tests/fixtures.py)
+ref_unblock = unblock
 
 
 def ref_e2m1_unpack(u8: torch.Tensor, hi_first: bool) -> torch.Tensor:
