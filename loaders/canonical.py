@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from ..errors import WanquantError
+from ..ops.formats import comfy_quant_tensor, swap_nibbles
 from . import keymap
 from .containers import Source, TensorRef, open_source
 from .detect import MARKER_KEY, Detection, Layer, _header_quant_layers, detect_layers
@@ -118,15 +119,6 @@ class CanonicalModel:
             if progress:
                 progress(i + 1, n)
         return out
-
-
-def swap_nibbles(u8: torch.Tensor) -> torch.Tensor:
-    """Swap the two 4-bit halves of every byte (low-first ↔ high-first packing), losslessly."""
-    return ((u8 & 0x0F) << 4) | (u8 >> 4)
-
-
-def comfy_quant_tensor(conf: dict) -> torch.Tensor:
-    return torch.tensor(list(json.dumps(conf).encode("utf-8")), dtype=torch.uint8)
 
 
 def _nibble_order(src: Source, override: str | None) -> tuple[str, str]:

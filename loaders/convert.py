@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 
 from ..errors import WanquantError
-from ..ops.formats import get_format
-from .canonical import CanonicalModel, Entry, Report, comfy_quant_tensor, load_canonical, overlay
+from ..ops.formats import comfy_quant_tensor, get_format
+from .canonical import CanonicalModel, Entry, Report, load_canonical, overlay
 from .writer import write_safetensors
 
 log = logging.getLogger(__name__)

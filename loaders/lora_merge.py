@@ -24,8 +24,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from ..errors import WanquantError
-from ..ops.formats import get_format
-from .canonical import CanonicalModel, Entry, comfy_quant_tensor, load_canonical
+from ..ops.formats import comfy_quant_tensor, get_format
+from .canonical import CanonicalModel, Entry, load_canonical
 from .lora import LoraMatch, LoraPatch, match_lora, read_lora
 from .writer import write_safetensors
 
