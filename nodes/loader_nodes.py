@@ -162,7 +162,8 @@ class WanQuantInspect(io.ComfyNode):
     def execute(cls, model_name, fp4_nibble_order="auto"):
         from ..loaders.canonical import load_canonical
 
-        rep = load_canonical(resolve(model_name), nibble_order=fp4_nibble_order, collect_errors=True).report
+        with load_canonical(resolve(model_name), nibble_order=fp4_nibble_order, collect_errors=True) as model:
+            rep = model.report
         text = "\n".join(report_lines(rep))
         return io.NodeOutput(text, ui={"text": [text]})
 

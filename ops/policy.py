@@ -306,6 +306,43 @@ class OpsPlan:
         self.option = validate_option(option, self.caps)
         self.compute_dtype = compute_dtype
         self.layers: dict[str, LayerChoice] = {}
+        self.executed: dict[str, dict[str, str]] = {}  # layer -> {path it ran: why, if not planned}
+        self._warned: set[tuple[str, str, str]] = set()
+
+    def record(self, name: str, path: str, why: str = "") -> None:
+        """A layer ran ``path`` (called once per layer and path by the forward).
+
+        The plan is what the load-time report promises; this is what happened. A layer that runs
+        another path than planned is logged once per (planned, ran, why), so a user reading the
+        log sees e.g. that LoRA weight patches switched the fp8 matmul off."""
+        self.executed.setdefault(name, {})[path] = why
+        lc = self.layers.get(name)
+        planned = lc.choice.path if lc else None
+        if planned is not None and planned != path:
+            key = (planned, path, why)
+            if key not in self._warned:
+                self._warned.add(key)
+                log.warning("wanquant: layer %s was planned '%s' but ran '%s'%s (further layers like it are "
+                            "not logged; see the plan's divergences())", name, planned, path,
+                            f": {why}" if why else "")
+
+    def divergences(self) -> dict[tuple[str, str, str], list[str]]:
+        """(planned, ran, why) -> layers, for every layer that ran a path it was not planned for."""
+        out: dict[tuple[str, str, str], list[str]] = {}
+        for name, ran in self.executed.items():
+            lc = self.layers.get(name)
+            for path, why in ran.items():
+                if lc is not None and lc.choice.path != path:
+                    out.setdefault((lc.choice.path, path, why), []).append(name)
+        return out
+
+    def executed_summary(self) -> str:
+        """What ran, grouped like ``summary()`` (layers that have not run yet are left out)."""
+        groups: dict[str, list[str]] = {}
+        for name, ran in self.executed.items():
+            for path, why in ran.items():
+                groups.setdefault(path + (f" ({why})" if why else ""), []).append(name)
+        return "; ".join(f"{_describe_group(names)}: {label}" for label, names in groups.items()) or "nothing ran yet"
 
     def decide(self, name: str, fmt: str | None, conf: dict | None = None, shape=None,
                has_input_scale: bool = False, dtype=None) -> Choice:
