@@ -146,8 +146,9 @@ def _build_patcher(model: CanonicalModel, path, base, policy, compute_dtype, nib
             patcher.set_model_compute_dtype(COMPUTE_DTYPES[compute_dtype])
     else:
         # Activations must arrive in the dtype our layers were built for; otherwise ComfyUI's cast
-        # turns every quantized weight dense and the planned fp8/kitchen path never runs.
-        patcher.add_object_patch("manual_cast_dtype", plan.compute_dtype)
+        # turns every quantized weight dense and the planned fp8/kitchen path never runs. Set on
+        # the model itself (this load owns it), so every clone and direct call sees it.
+        patcher.model.manual_cast_dtype = plan.compute_dtype
         patcher.model.wanquant_plan = plan
     patcher.cached_patcher_init = (reload_patcher, (path, base, policy, compute_dtype, nibble_order))
     # Vista4D / WorldStereo modules: references into the file, read only when a node asks
