@@ -442,7 +442,7 @@ def _layer_entries(layer: Layer, order: str) -> list[Entry]:
         load_w = w.loader if src_order == "high_first" else (lambda w=w: swap_nibbles(w.load()))
         out.append(Entry(f"{n}.weight", w.shape, torch.uint8, load_w, n))
         ws = layer.sides["weight_scale"]
-        out.append(Entry(f"{n}.weight_scale", ws.shape, torch.float32, lambda ws=ws: ws.load().to(torch.float32), n))
+        out.append(Entry(f"{n}.weight_scale", ws.shape, ws.dtype, ws.loader, n))  # source dtype (bf16): no upcast
     else:  # pragma: no cover - detect.py only produces the formats above
         raise WanquantError("no canonical form for format", layer=n, found=layer.format)
     out.append(Entry(f"{n}.comfy_quant", (len(json.dumps(conf).encode()),), torch.uint8,

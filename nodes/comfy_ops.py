@@ -58,7 +58,7 @@ if QuantizedLayout is not None:
 
         @dataclass(frozen=True)
         class Params(BaseLayoutParams):
-            pass  # ``scale`` holds the [N, K/32] fp32 group scales
+            pass  # ``scale`` holds the [N, K/32] group scales in the file's float dtype
 
         @classmethod
         def quantize(cls, tensor, scale=None, stochastic_rounding=0, inplace_ops=False, **kwargs):
@@ -185,7 +185,7 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                     w = swap_nibbles(w)
                 self.quant_format = "fp4_g32"
                 self.layout_type = FP4G32_LAYOUT
-                params = FP4G32Layout.Params(scale=s.to(device=device, dtype=torch.float32),
+                params = FP4G32Layout.Params(scale=s.to(device=device),  # the file's scale dtype (bf16): no upcast
                                              orig_dtype=self.factory_kwargs["dtype"], orig_shape=(n, k))
                 self.weight = torch.nn.Parameter(QuantizedTensor(w.to(device=device, dtype=torch.uint8),
                                                                  FP4G32_LAYOUT, params), requires_grad=False)

@@ -1,7 +1,8 @@
 """wanquant's ``fp4_g32``: E2M1 codes with one float scale per 32 inputs, row-major scales.
 
 This is the naive FP4 release (Wan2.2-Animate-14B-FP4) in canonical form: ``weight`` uint8
-[N, K/2] normalised to high-nibble-first, ``weight_scale`` fp32 [N, K/32];
+[N, K/2] normalised to high-nibble-first, ``weight_scale`` float [N, K/32] in the file's own dtype
+(bf16 in the release: kept, an fp32 copy would add ~1 GB to Animate-14B);
 value = E2M1(code) * scale[row, col // 32]. ComfyUI has no such format, so dequant is ours and
 runs everywhere. ``conf={"nibble_order": "low_first"}`` reads data that was not normalised.
 """
@@ -46,9 +47,12 @@ class FP4G32(QuantFormat):
         if k % GROUP or tuple(s.shape) != (n, k // GROUP) or not s.is_floating_point():
             raise WanquantError("fp4_g32 scale does not match the weight", expected=f"float [{n}, {k // GROUP}]",
                                 found=f"{s.dtype} {list(s.shape)}")
-        vals = decode_e2m1(w, _hi_first(conf), torch.float32).reshape(n, k // GROUP, GROUP)
-        full = vals.mul_(s.to(device=w.device, dtype=torch.float32).unsqueeze(-1)).reshape(n, k)  # fresh: in place
-        return full if out_dtype == torch.float32 else full.to(out_dtype)
+        # decoded straight into a 16-bit compute dtype (E2M1 values are exact there; the scale is
+        # rounded to it once, e.g. exact for the release's bf16 scales): no fp32 temporary
+        dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else torch.float32
+        vals = decode_e2m1(w, _hi_first(conf), dtype).reshape(n, k // GROUP, GROUP)
+        full = vals.mul_(s.to(device=w.device, dtype=dtype).unsqueeze(-1)).reshape(n, k)  # fresh: in place
+        return full if full.dtype == out_dtype else full.to(out_dtype)
 
     def quantize(self, w, *, generator=None, stochastic=False, conf=None):
         if w.ndim != 2 or w.shape[1] % GROUP:
