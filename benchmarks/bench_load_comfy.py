@@ -227,7 +227,7 @@ def main(argv=None) -> int:
             m = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "case"}
             ratio = f"{m['wall_s'] / stock['wall_s']:.2f}" if stock else "-"
             over = f"{m['peak_private_mib'] - stock['peak_private_mib']:+.0f}" if stock else "-"
-            print(f"{gib:>5g}G {case:<13} {m['wall_s']:>7.2f} {ratio:>7} {m['peak_private_mib']:>13.0f} {over:>8} "
+            print(f"{files[False].stat().st_size / 2**30:>5.2f}G {case:<13} {m['wall_s']:>7.2f} {ratio:>7} {m['peak_private_mib']:>13.0f} {over:>8} "
                   f"{m['held_private_mib']:>9.0f} {m['peak_rss_mib']:>12.0f} {m['fds']:>4.0f}")
     return 0
 
