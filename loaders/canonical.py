@@ -25,11 +25,9 @@ from . import keymap
 from .containers import Source, TensorRef, open_source
 from .detect import MARKER_KEY, Detection, Layer, _header_quant_layers, detect_layers
 from .family import Family, recognise
+from .nibble_order import resolve as resolve_nibble_order
 
 log = logging.getLogger(__name__)
-
-NIBBLE_ORDERS = ("low_first", "high_first")
-
 
 @dataclass
 class Entry:
@@ -121,24 +119,6 @@ class CanonicalModel:
         return out
 
 
-def _nibble_order(src: Source, override: str | None) -> tuple[str, str]:
-    """(order, where it came from): explicit override > quantize_config.json > documented default."""
-    if override and override != "auto":
-        if override not in NIBBLE_ORDERS:
-            raise WanquantError("unknown FP4 nibble order", expected=" / ".join(NIBBLE_ORDERS), found=override)
-        return override, "override"
-    qc = src.side_files.get("quantize_config.json")
-    if isinstance(qc, dict):
-        for key in ("packing", "nibble_order", "pack_order"):
-            val = str(qc.get(key, "")).lower()
-            if val:
-                if "high" in val or "hi_" in val:
-                    return "high_first", "quantize_config.json"
-                if "low" in val or "lo_" in val:
-                    return "low_first", "quantize_config.json"
-    return "low_first", "default (compressed-tensors convention; override with nibble_order)"
-
-
 PART_MARK = "@part"
 
 
@@ -206,12 +186,13 @@ def canonical_from_source(src: Source, *, nibble_order: str | None = None,
         lk = mapping.get(lk + ".weight", lk + ".weight")[: -len(".weight")]
         header_conf[lk] = conf
 
-    order, order_src = _nibble_order(src, nibble_order)
-    det = detect_layers(tensors, file, header_conf=header_conf, nibble_order=order, collect_errors=collect_errors)
-    _fuse_parts(det, file, report, order)
-    report.errors = [str(e) for e in det.errors]
-    if any(l.format == "fp4_g32" for l in det.layers.values()):
+    det = detect_layers(tensors, file, header_conf=header_conf, collect_errors=collect_errors)
+    if any(l.format == "fp4_g32" and l.nibble_order is None for l in det.layers.values()):
+        order, order_src, order_warnings = resolve_nibble_order(det.layers, nibble_order, src.side_files)
         report.nibble_order = f"{order} ({order_src})"
+        report.warnings += order_warnings
+    _fuse_parts(det, file, report)
+    report.errors = [str(e) for e in det.errors]
     if det.marker is not None:
         kind = {0: "input scales present", 2: "fp8 matmul disabled by the producer"}.get(det.marker.numel, "")
         report.notes.append(f"legacy 'scaled_fp8' marker found{': ' + kind if kind else ''} (dropped)")
@@ -219,7 +200,7 @@ def canonical_from_source(src: Source, *, nibble_order: str | None = None,
     if quant:
         report.notes.append(f"index metadata: quantization = {quant}")
 
-    entries = _entries(det, order, report)
+    entries = _entries(det, report)
     fam = recognise({k: e.shape for k, e in entries.items()})
     _fill_family(report, fam)
     if unrecognised:
@@ -245,7 +226,7 @@ def _concat_ref(refs: list[TensorRef]) -> TensorRef:
                      lambda: torch.cat([r.load() for r in refs], 0))
 
 
-def _fuse_parts(det: Detection, file: str, report: Report, order: str) -> None:
+def _fuse_parts(det: Detection, file: str, report: Report) -> None:
     """Fuse ``X@part0`` / ``X@part1`` layers into one native layer X (rows of k, then v).
 
     Same plain dtype, or FP4 group-32 (row-wise scales): concatenated exactly. Anything with one
@@ -264,26 +245,27 @@ def _fuse_parts(det: Detection, file: str, report: Report, order: str) -> None:
         fmts = {l.format for l in ordered}
         biases = [l.others.get("bias") for l in ordered]
         others = {"bias": _concat_ref(biases)} if all(biases) else {}
-        if len(fmts) == 1 and (not ordered[0].quantized or ordered[0].format == "fp4_g32"):
+        same_order = len({l.nibble_order for l in ordered}) == 1
+        if len(fmts) == 1 and same_order and (not ordered[0].quantized or ordered[0].format == "fp4_g32"):
             weight = _concat_ref([l.weight for l in ordered])
             sides = {r: _concat_ref([l.sides[r] for l in ordered]) for r in ordered[0].sides}
             fused = Layer(base, ordered[0].format, ordered[0].spelling + " (k/v fused)", weight, sides,
                           dict(ordered[0].conf), others, ordered[0].nibble_order)
         else:
-            weight = _dequant_concat(ordered, order)
+            weight = _dequant_concat(ordered)
             fused = Layer(base, "fp32", "k/v fused, dequantized to fp32 (per-tensor scales differ)", weight, {}, {}, others)
             report.notes.append(f"{base}: to_k/to_v stored as {'/'.join(sorted(fmts))} with separate scales; "
                                 "fused into linear1_kv in fp32")
         det.layers[base] = fused
 
 
-def _dequant_concat(layers: list[Layer], order: str) -> TensorRef:
+def _dequant_concat(layers: list[Layer]) -> TensorRef:
     from ..ops.formats import get_format
 
     def load():
         rows = []
         for l in layers:
-            ents = {e.key.rsplit(".", 1)[1]: e.load() for e in _layer_entries(l, order)}
+            ents = {e.key.rsplit(".", 1)[1]: e.load() for e in _layer_entries(l)}
             if l.quantized:
                 rows.append(get_format(l.format).dequantize(ents, torch.float32, dict(l.conf)))
             else:
@@ -311,7 +293,7 @@ def _fill_family(report: Report, fam: Family) -> None:
     report.notes.extend(fam.notes)
 
 
-def _entries(det: Detection, order: str, report: Report) -> dict[str, Entry]:
+def _entries(det: Detection, report: Report) -> dict[str, Entry]:
     entries: dict[str, Entry] = {}
     for key, ref in det.plain.items():
         entries[key] = Entry(key, ref.shape, ref.dtype, ref.loader, None)
@@ -320,7 +302,7 @@ def _entries(det: Detection, order: str, report: Report) -> dict[str, Entry]:
         report.spellings[layer.spelling] += 1
         for ref in layer.sides.values():
             report.scale_dtypes[f"{layer.format}: {str(ref.dtype).replace('torch.', '')}"] += 1
-        for e in _layer_entries(layer, order):
+        for e in _layer_entries(layer):
             entries[e.key] = e
             report.format_bytes[layer.format] += e.nbytes
         for suffix, ref in layer.others.items():
@@ -336,7 +318,7 @@ def _view(ref: TensorRef, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
     return lambda: ref.load().view(dtype)
 
 
-def _layer_entries(layer: Layer, order: str) -> list[Entry]:
+def _layer_entries(layer: Layer) -> list[Entry]:
     n = layer.name
     w = layer.weight
     if not layer.quantized:
@@ -366,8 +348,7 @@ def _layer_entries(layer: Layer, order: str) -> list[Entry]:
         ws = layer.sides["weight_scale"]
         out.append(Entry(f"{n}.weight_scale", ws.shape, torch.uint8, _view(ws, torch.uint8), n))
     elif layer.format == "fp4_g32":
-        src_order = layer.nibble_order or order
-        load_w = w.loader if src_order == "high_first" else (lambda w=w: swap_nibbles(w.load()))
+        load_w = w.loader if layer.nibble_order == "high_first" else (lambda w=w: swap_nibbles(w.load()))
         out.append(Entry(f"{n}.weight", w.shape, torch.uint8, load_w, n))
         ws = layer.sides["weight_scale"]
         out.append(Entry(f"{n}.weight_scale", ws.shape, torch.float32, lambda ws=ws: ws.load().to(torch.float32), n))

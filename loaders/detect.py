@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import WanquantError
+from . import nibble_order
 from .containers import TensorRef
 
 FP8_DTYPES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
@@ -123,10 +124,11 @@ def _header_quant_layers(metadata: dict[str, str], file: str) -> dict[str, dict]
 
 
 def detect_layers(tensors: dict[str, TensorRef], file: str, *, header_conf: dict[str, dict] | None = None,
-                  nibble_order: str = "low_first", collect_errors: bool = False) -> Detection:
+                  collect_errors: bool = False) -> Detection:
     """Group keys into modules and decide each module's format.
 
     ``header_conf`` is the per-layer ``_quantization_metadata`` (already in the same key space).
+    Untagged FP4 group-32 layers come back with ``nibble_order=None``: :mod:`.nibble_order` decides.
     With ``collect_errors`` every bad layer is recorded and skipped (``inspect``); otherwise the
     first one raises (``convert``, the loader).
     """
@@ -149,7 +151,7 @@ def detect_layers(tensors: dict[str, TensorRef], file: str, *, header_conf: dict
                 det.plain[f"{module}.{role}" if module else role] = ref
             continue
         try:
-            det.layers[module] = _classify(module, roles, file, header_conf.get(module), marker_two, nibble_order)
+            det.layers[module] = _classify(module, roles, file, header_conf.get(module), marker_two)
         except WanquantError as err:
             if not collect_errors:
                 raise
@@ -158,7 +160,7 @@ def detect_layers(tensors: dict[str, TensorRef], file: str, *, header_conf: dict
 
 
 def _classify(module: str, roles: dict[str, TensorRef], file: str, header_conf: dict | None,
-              marker_two: bool, nibble_order: str) -> Layer:
+              marker_two: bool) -> Layer:
     sides = {r: roles[r] for _, r in SIDE_SUFFIXES if r in roles and r != "weight_packed"}
     others = {r: ref for r, ref in roles.items() if r not in sides and r not in ("weight", "weight_packed")}
     if "weight" in roles and "weight_packed" in roles:
@@ -181,7 +183,7 @@ def _classify(module: str, roles: dict[str, TensorRef], file: str, header_conf: 
     if weight.dtype in FP8_DTYPES:
         return _classify_fp8(module, weight, sides, others, file, marker_two)
     if weight.dtype == torch.uint8:
-        return _classify_uint8(module, weight, sides, others, file, nibble_order)
+        return _classify_uint8(module, weight, sides, others, file)
     if weight.dtype in PLAIN_DTYPES:
         if sides:
             raise WanquantError("quantization scale next to a high-precision weight", file=file, layer=module,
@@ -243,7 +245,7 @@ def _classify_fp8(module, weight, sides, others, file, marker_two) -> Layer:
     return Layer(module, fmt, spelling, weight, new_sides, conf, others)
 
 
-def _classify_uint8(module, weight, sides, others, file, nibble_order) -> Layer:
+def _classify_uint8(module, weight, sides, others, file) -> Layer:
     ws = sides.get("weight_scale")
     if ws is None:
         raise WanquantError("packed uint8 weight without a weight_scale", file=file, layer=module,
@@ -262,8 +264,7 @@ def _classify_uint8(module, weight, sides, others, file, nibble_order) -> Layer:
                             expected="weight + weight_scale", found=", ".join(sides[r].key for r in sorted(extra)))
     conf = {"format": "fp4_g32", "group_size": 32}
     _check_fp4_shapes(module, weight, ws, file)
-    return Layer(module, "fp4_g32", f"FP4 group-32 ({nibble_order.replace('_', ' ')} nibble)", weight,
-                 {"weight_scale": ws}, conf, others, nibble_order)
+    return Layer(module, "fp4_g32", "FP4 group-32 (no comfy_quant)", weight, {"weight_scale": ws}, conf, others)
 
 
 def _check_fp4_shapes(module, weight, ws, file) -> None:
@@ -316,7 +317,8 @@ def _classify_comfy(module, weight, sides, others, conf, file, spelling=None) ->
         if "input_scale" in sides:
             check_scalar_scale(sides["input_scale"], file, module, "input scale")
         keep = {r: sides[r] for r in ("weight_scale", "weight_scale_2", "input_scale") if r in sides}
-    elif fmt == "fp4_g32":  # wanquant's own canonical form (already high-nibble-first)
+    elif fmt == "fp4_g32":  # wanquant's own canonical form: high-nibble-first unless the JSON says
+        order = nibble_order.parse(conf.pop("nibble_order", "high_first"), "comfy_quant", file, module)
         ws = sides.get("weight_scale")
         if weight.dtype != torch.uint8 or ws is None:
             raise WanquantError("incomplete FP4 group-32 layer", file=file, layer=module,
@@ -328,7 +330,7 @@ def _classify_comfy(module, weight, sides, others, conf, file, spelling=None) ->
         if leftover:
             raise WanquantError("unexpected side tensor on a fp4_g32 layer", file=file, layer=module,
                                 found=", ".join(sides[r].key for r in sorted(leftover)))
-        return Layer(module, fmt, spelling, weight, keep, dict(conf), others, "high_first")
+        return Layer(module, fmt, spelling, weight, keep, dict(conf), others, order)
     else:  # mxfp8
         ws = sides.get("weight_scale")
         if weight.dtype != torch.float8_e4m3fn or ws is None:
