@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("path", help="a .safetensors/.pth file, a *.index.json or a model folder")
     pi.add_argument("--json", action="store_true", help="print one JSON object")
     pi.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto",
-                    help="FP4 group-32 packing (default: quantize_config.json, else low_first)")
+                    help="FP4 group-32 packing (auto: quantize_config.json, else decided from the weights; "
+                         "low_first with a warning when they cannot tell)")
     pi.set_defaults(func=cmd_inspect)
 
     pc = sub.add_parser("convert", help="write ComfyUI's native format (loads in stock ComfyUI's UNETLoader)")
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--base", help="base model to overlay a partial finetune on (e.g. Vista4D on Wan2.1-T2V-14B)")
     pc.add_argument("--to", choices=["bf16", "float8_e4m3fn", "nvfp4"], default="float8_e4m3fn",
                     help="target for FP4 group-32 layers, which stock ComfyUI cannot load (default float8_e4m3fn)")
-    pc.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto")
+    pc.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto",
+                    help="FP4 group-32 packing (as for inspect)")
     pc.set_defaults(func=cmd_convert)
 
     sub.add_parser("remap", parents=[], add_help=True,

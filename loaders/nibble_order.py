@@ -17,11 +17,11 @@ packed matrix. For a producer/consumer pair of Linears joined channel by channel
 keeps the norm of a hidden channel's input weights and of its output weights tied (under gradient
 flow ``‖w_in‖² − ‖w_out‖²`` is conserved per channel for linear/ReLU-like links, and weight decay
 pulls both together). Row norms of the producer do not depend on the order; column norms of the
-consumer do. For each byte pair (2i, 2i+1) the sign of
-``(log r_2i − log r_2i+1) · (log c_2i − log c_2i+1)`` (columns decoded high-nibble-first) is +1 more
-often when the file is high-first and −1 more often when it is low-first; on untrained weights both
-are equally likely. The pooled sign test gives ``z = (n₊ − n₋) / √(n₊ + n₋)``, normal under "no
-evidence". Verified on a small model trained in the test setup (tests/loaders/test_nibble_order.py).
+consumer do. Per byte pair (2i, 2i+1) take ``dr = log r_2i − log r_2i+1`` and the same ``dc`` of the
+consumer's columns decoded high-nibble-first: their rank correlation is positive when the file is
+high-first, negative when it is low-first (the swap flips the sign of every ``dc``) and zero on
+untrained weights. ``z = ρ·√(n−1)`` per layer pair is standard normal under "no evidence"; the
+layer pairs are pooled by Stouffer's rule (weights √n). Verified on a small model trained in the test setup (tests/loaders/test_nibble_order.py).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ _ALIASES = {"high_first": "high_first", "hi_first": "high_first", "high_nibble_f
 
 # producer (rows = hidden channels) → consumer (columns = the same channels), native names
 _LINKS = (
-    (re.compile(r"^(.*\.)?ffn\.0$"), "ffn.2", "ffn.0 rows vs ffn.2 columns"),
+    (re.compile(r"^(.*\.)?ffn\.0$"), "2", "ffn.0 rows vs ffn.2 columns"),
     (re.compile(r"^(.*\.)?(self_attn|cross_attn)\.v$"), "o", "attention v rows vs o columns"),
     (re.compile(r"^(.*\.)?(time_embedding|text_embedding)\.0$"), "2", "embedding MLP rows vs columns"),
     (re.compile(r"^(.*\.)?img_emb\.proj\.1$"), "3", "image-embedding MLP rows vs columns"),
@@ -87,7 +87,7 @@ class Evidence:
 
     order: str | None
     z: float
-    pairs: int  # byte pairs counted
+    pairs: int  # byte pairs compared
     links: list[str]  # layer pairs read
 
     @property
@@ -96,7 +96,7 @@ class Evidence:
 
     def describe(self) -> str:
         what = "; ".join(self.links[:3]) + (f" (+{len(self.links) - 3} more)" if len(self.links) > 3 else "")
-        return f"sign test over {self.pairs} byte pairs, z = {self.z:+.1f} [{what or 'no linked layers'}]"
+        return f"rank test over {self.pairs} byte pairs, z = {self.z:+.1f} [{what or 'no linked layers'}]"
 
 
 def _row_norms(layer, max_cols: int = 4096) -> torch.Tensor:
@@ -123,33 +123,43 @@ def _dense(layer, rows: int | None) -> torch.Tensor:
 
 def detect_from_weights(layers: dict) -> Evidence:
     """Sign test on linked producer/consumer layers whose consumer is an *untagged* FP4 g32 layer."""
-    plus = minus = 0
+    weighted = 0.0
+    total = 0
     read: list[str] = []
     for name, layer in layers.items():
         if len(read) >= MAX_PAIRS:
             break
         for pattern, consumer_suffix, label in _LINKS:
-            m = pattern.match(name)
-            if not m:
+            if not pattern.match(name):
                 continue
             consumer = layers.get(f"{name.rsplit('.', 1)[0]}.{consumer_suffix}")
             if consumer is None or consumer.format != "fp4_g32" or consumer.nibble_order is not None:
                 continue
             r = _row_norms(layer)
             c = _dense(consumer, MAX_ROWS).double().norm(dim=0).log()
-            if r.numel() != c.numel() or r.numel() % 2:
+            if r.numel() != c.numel() or r.numel() % 2 or r.numel() < 16:
                 continue
-            dr = r[0::2] - r[1::2]
-            dc = c[0::2] - c[1::2]
-            prod = dr * dc
-            ok = torch.isfinite(prod) & (prod != 0)
-            plus += int((prod[ok] > 0).sum())
-            minus += int((prod[ok] < 0).sum())
-            read.append(f"{name} -> {consumer_suffix} ({label})")
-    n = plus + minus
-    z = (plus - minus) / math.sqrt(n) if n else 0.0
+            dr, dc = r[0::2] - r[1::2], c[0::2] - c[1::2]
+            ok = torch.isfinite(dr) & torch.isfinite(dc)
+            n = int(ok.sum())
+            if n < 8:
+                continue
+            z = _spearman(dr[ok], dc[ok]) * math.sqrt(n - 1)  # ~N(0, 1) when unrelated
+            weighted += z * math.sqrt(n)
+            total += n
+            read.append(f"{name} -> {consumer_suffix} ({label}, z {z:+.1f})")
+    z = weighted / math.sqrt(total) if total else 0.0  # Stouffer, weighted by pairs per layer
     order = None if abs(z) < Z_DECIDE else ("high_first" if z > 0 else "low_first")
-    return Evidence(order, z, n, read)
+    return Evidence(order, z, total, read)
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = a.argsort().argsort().double()
+    rb = b.argsort().argsort().double()
+    ra -= ra.mean()
+    rb -= rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den else 0.0
 
 
 def resolve(layers: dict, override: str | None, side_files: dict) -> tuple[str, str, list[str]]:

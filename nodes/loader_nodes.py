@@ -121,7 +121,7 @@ class WanQuantLoadDiT(io.ComfyNode):
                 io.Combo.Input("compute_dtype", options=list(bridge.COMPUTE_DTYPES), default="auto",
                                tooltip="Activation dtype; auto lets ComfyUI pick for this device (fp16/bf16 on GPU, fp32 on CPU)."),
                 io.Combo.Input("fp4_nibble_order", options=["auto", "low_first", "high_first"], default="auto",
-                               tooltip="FP4 group-32 packing. auto: quantize_config.json beside the file, else low nibble first."),
+                               tooltip="FP4 group-32 packing. auto: quantize_config.json beside the file, else decided from the weights (low nibble first, with a report warning, when they cannot tell)."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.String.Output(display_name="report")],
         )
@@ -149,7 +149,7 @@ class WanQuantInspect(io.ComfyNode):
             description="Reports container, key style, model family and per-layer formats of a checkpoint without loading it.",
             inputs=[io.Combo.Input("model_name", options=model_choices(), tooltip="The checkpoint to inspect."),
                     io.Combo.Input("fp4_nibble_order", options=["auto", "low_first", "high_first"], default="auto",
-                                   tooltip="FP4 group-32 packing to assume (auto reads quantize_config.json).")],
+                                   tooltip="FP4 group-32 packing to assume (auto: quantize_config.json, else decided from the weights).")],
             outputs=[io.String.Output(display_name="report")],
             is_output_node=True,
         )
