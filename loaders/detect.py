@@ -84,10 +84,11 @@ def _split(key: str) -> tuple[str, str]:
 
 
 def check_scalar_scale(ref: TensorRef, file: str, layer: str, what: str = "scale") -> torch.Tensor:
-    """Load a per-tensor scale and insist it is one finite positive number."""
-    if ref.numel != 1 or len(ref.shape) > 1:
+    """Load a per-tensor scale and insist it is one finite positive number. Any all-ones shape is
+    a scalar (kijai's scaled fp8 of Animate stores conv scales as [1, 1] / [1, 1, 1])."""
+    if ref.numel != 1:
         raise WanquantError(f"{what} must be a per-tensor scalar", file=file, layer=layer,
-                            expected="shape [] or [1]", found=f"shape {list(ref.shape)} ({ref.key})")
+                            expected="one element (shape [], [1], [1, 1], ...)", found=f"shape {list(ref.shape)} ({ref.key})")
     if ref.dtype not in FLOAT_DTYPES:
         raise WanquantError(f"{what} has a non-float dtype", file=file, layer=layer,
                             expected="bf16/fp16/fp32 scalar", found=str(ref.dtype))
