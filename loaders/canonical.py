@@ -24,6 +24,7 @@ from ..ops.formats import comfy_quant_tensor, swap_nibbles
 from . import keymap
 from .containers import Source, TensorRef, open_source
 from .detect import MARKER_KEY, Detection, Layer, _header_quant_layers, detect_layers
+from .comfy_linear import runs_quantized
 from .family import Family, recognise
 from .nibble_order import resolve as resolve_nibble_order
 
@@ -67,6 +68,7 @@ class Report:
     errors: list[str] = field(default_factory=list)
     remapped: int = 0
     nibble_order: str | None = None
+    dequantized: list[str] = field(default_factory=list)  # quantized non-Linear layers, now fp32
     notes: list[str] = field(default_factory=list)
     total_bytes: int = 0
     base: "Report | None" = None
@@ -91,7 +93,8 @@ class Report:
             "scale_dtypes": dict(self.scale_dtypes), "extras": {k: len(v) for k, v in self.extras.items()},
             "extra_modules": self.extras, "unrecognised": self.unrecognised, "missing": self.missing,
             "needs_base": self.needs_base, "warnings": self.warnings, "errors": self.errors,
-            "remapped_keys": self.remapped, "nibble_order": self.nibble_order, "notes": self.notes,
+            "remapped_keys": self.remapped, "nibble_order": self.nibble_order,
+            "dequantized": self.dequantized, "notes": self.notes,
             "total_bytes": self.total_bytes, "verdict": self.verdict(),
             **({"base": self.base.to_json()} if self.base else {}),
         }
@@ -192,6 +195,7 @@ def canonical_from_source(src: Source, *, nibble_order: str | None = None,
         report.nibble_order = f"{order} ({order_src})"
         report.warnings += order_warnings
     _fuse_parts(det, file, report)
+    _dequantize_non_linear(det, report)
     report.errors = [str(e) for e in det.errors]
     if det.marker is not None:
         kind = {0: "input scales present", 2: "fp8 matmul disabled by the producer"}.get(det.marker.numel, "")
@@ -201,6 +205,8 @@ def canonical_from_source(src: Source, *, nibble_order: str | None = None,
         report.notes.append(f"index metadata: quantization = {quant}")
 
     entries = _entries(det, report)
+    if style == "diffusers":
+        _add_animate_buffers(entries, report)
     fam = recognise({k: e.shape for k, e in entries.items()})
     _fill_family(report, fam)
     if unrecognised:
@@ -208,6 +214,23 @@ def canonical_from_source(src: Source, *, nibble_order: str | None = None,
                                f"(first: {unrecognised[0]})")
     report.total_bytes = sum(e.nbytes for e in entries.values())
     return CanonicalModel(entries, det.layers, report, src)
+
+
+def _add_animate_buffers(entries: dict[str, Entry], report: Report) -> None:
+    """Animate from diffusers keys lacks the motion encoder's persistent blur-kernel buffers
+    (non-persistent in diffusers); native files carry them, so the canonical form adds them with
+    the value ComfyUI's ``Blur`` module registers (fp32: ``ConvLayer`` builds ``Blur`` without a dtype)."""
+    from .animate_keys import native_only_buffers
+
+    if not any(k.startswith("motion_encoder.enc.net_app.") for k in entries):
+        return
+    added = [k for k in native_only_buffers() if k not in entries]
+    for k in added:
+        value = native_only_buffers()[k]
+        entries[k] = Entry(k, (len(value), len(value[0])), torch.float32,
+                           lambda value=value: torch.tensor(value, dtype=torch.float32), None)
+    if added:
+        report.notes.append(f"added {len(added)} constant motion-encoder blur kernels (not stored in diffusers files)")
 
 
 def _reshaped(source_key: str, ref: TensorRef) -> TensorRef:
@@ -257,6 +280,32 @@ def _fuse_parts(det: Detection, file: str, report: Report) -> None:
             report.notes.append(f"{base}: to_k/to_v stored as {'/'.join(sorted(fmts))} with separate scales; "
                                 "fused into linear1_kv in fp32")
         det.layers[base] = fused
+
+
+def _dequantize_non_linear(det: Detection, report: Report) -> None:
+    """Quantized layers ComfyUI cannot run quantized (convs, custom linears: see
+    :mod:`.comfy_linear`) become fp32 layers holding the producer's exact dequantized values,
+    listed in ``report.dequantized``; ComfyUI would otherwise ignore their scales."""
+    from ..ops.formats import get_format
+
+    for name, layer in list(det.layers.items()):
+        if not layer.quantized or runs_quantized(name, len(layer.weight.shape)):
+            continue
+        shape = tuple(layer.weight.shape) if len(layer.weight.shape) != 2 else _logical_shape(layer)
+
+        def load(layer=layer, shape=shape):
+            ents = {e.key.rsplit(".", 1)[1]: e.load() for e in _layer_entries(layer)}
+            ents["weight"] = ents["weight"].reshape(ents["weight"].shape[0], -1)  # convs: [out, in*k...]
+            return get_format(layer.format).dequantize(ents, torch.float32, dict(layer.conf)).reshape(shape)
+
+        ref = TensorRef(layer.weight.key, shape, torch.float32, layer.weight.file, load)
+        det.layers[name] = Layer(name, "fp32", f"{layer.spelling} -> fp32 (not a Linear in ComfyUI)", ref, {}, {},
+                                 layer.others)
+        report.dequantized.append(f"{name} ({layer.format})")
+    if report.dequantized:
+        report.notes.append(f"{len(report.dequantized)} quantized layers ComfyUI only runs unquantized "
+                            f"(convolutions, custom linears) dequantized exactly to fp32: "
+                            f"{', '.join(report.dequantized[:3])}{' ...' if len(report.dequantized) > 3 else ''}")
 
 
 def _dequant_concat(layers: list[Layer]) -> TensorRef:
@@ -387,6 +436,7 @@ def overlay(finetune: CanonicalModel, base: CanonicalModel) -> CanonicalModel:
         if e.layer and e.layer in layers:
             report.format_bytes[layers[e.layer].format] += e.nbytes
     report.nibble_order = fr.nibble_order or base.report.nibble_order
+    report.dequantized = [d for d in base.report.dequantized if d.split(" ")[0] in layers] + fr.dequantized
     report.remapped = fr.remapped + base.report.remapped
     report.base = base.report
     n_over = len([k for k in finetune.entries if k in base.entries])
