@@ -29,7 +29,8 @@ def format_report(rep) -> str:
 def cmd_inspect(args) -> int:
     from .loaders.canonical import load_canonical
 
-    model = load_canonical(args.path, nibble_order=args.nibble_order, collect_errors=True)
+    model = load_canonical(args.path, nibble_order=args.nibble_order, nvfp4_scale_layout=args.nvfp4_scale_layout,
+                           collect_errors=True)
     rep = model.report
     if args.json:
         print(json.dumps(rep.to_json(), indent=1))
@@ -46,7 +47,7 @@ def cmd_convert(args) -> int:
     progress, close = tqdm_progress("convert")
     try:
         result = convert(args.src, args.dst, base=args.base, to=args.to, nibble_order=args.nibble_order,
-                         progress=progress)
+                         nvfp4_scale_layout=args.nvfp4_scale_layout, progress=progress)
     finally:
         close()
     print(format_report(result.report))
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto",
                     help="FP4 group-32 packing (auto: quantize_config.json, else decided from the weights; "
                          "low_first with a warning when they cannot tell)")
+    pi.add_argument("--nvfp4-scale-layout", choices=["auto", "blocked", "row_major"], default="auto",
+                    help="block-scale layout of NVFP4 layers without comfy_quant (auto: from shapes, else "
+                         "from the scales; refused when they cannot tell)")
     pi.set_defaults(func=cmd_inspect)
 
     pc = sub.add_parser("convert", help="write ComfyUI's native format (loads in stock ComfyUI's UNETLoader)")
@@ -98,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="target for FP4 group-32 layers, which stock ComfyUI cannot load (default float8_e4m3fn)")
     pc.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto",
                     help="FP4 group-32 packing (as for inspect)")
+    pc.add_argument("--nvfp4-scale-layout", choices=["auto", "blocked", "row_major"], default="auto",
+                    help="NVFP4 block-scale layout without comfy_quant (as for inspect)")
     pc.set_defaults(func=cmd_convert)
 
     sub.add_parser("remap", parents=[], add_help=True,

@@ -20,13 +20,15 @@ from typing import Callable
 import torch
 
 from ..errors import WanquantError
-from ..ops.formats import comfy_quant_tensor, swap_nibbles
+from ..ops.formats import comfy_quant_tensor, swap_nibbles, to_blocked
 from . import keymap
 from .containers import Source, TensorRef, open_source
 from .detect import MARKER_KEY, Detection, Layer, _header_quant_layers, detect_layers
 from .comfy_linear import runs_quantized
 from .family import Family, recognise
 from .nibble_order import resolve as resolve_nibble_order
+from .nvfp4_layout import ROW_MAJOR, UNTAGGED_NVFP4
+from .nvfp4_layout import resolve as resolve_scale_layout
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +159,15 @@ def _map_keys(keys, style: str, file: str) -> tuple[dict[str, str], list[str]]:
     return mapping, unrecognised
 
 
-def load_canonical(path, *, nibble_order: str | None = None, collect_errors: bool = False) -> CanonicalModel:
+def load_canonical(path, *, nibble_order: str | None = None, nvfp4_scale_layout: str | None = None,
+                   collect_errors: bool = False) -> CanonicalModel:
     """Open any supported checkpoint and describe it in canonical form (lazily)."""
     src = open_source(path)
-    return canonical_from_source(src, nibble_order=nibble_order, collect_errors=collect_errors)
+    return canonical_from_source(src, nibble_order=nibble_order, nvfp4_scale_layout=nvfp4_scale_layout,
+                                 collect_errors=collect_errors)
 
 
-def canonical_from_source(src: Source, *, nibble_order: str | None = None,
+def canonical_from_source(src: Source, *, nibble_order: str | None = None, nvfp4_scale_layout: str | None = None,
                           collect_errors: bool = False) -> CanonicalModel:
     file = src.path
     report = Report(path=file, container=src.container)
@@ -194,6 +198,14 @@ def canonical_from_source(src: Source, *, nibble_order: str | None = None,
         order, order_src, order_warnings = resolve_nibble_order(det.layers, nibble_order, src.side_files)
         report.nibble_order = f"{order} ({order_src})"
         report.warnings += order_warnings
+    if any(l.format == "nvfp4" and l.spelling == UNTAGGED_NVFP4 for l in det.layers.values()):
+        try:
+            layout, why = resolve_scale_layout(det.layers, nvfp4_scale_layout)
+            report.notes.append(f"NVFP4 without comfy_quant: block scales read as {layout} ({why})")
+        except WanquantError as err:
+            if not collect_errors:
+                raise
+            det.errors.append(err)
     _fuse_parts(det, file, report)
     _dequantize_non_linear(det, report)
     report.errors = [str(e) for e in det.errors]
@@ -388,7 +400,12 @@ def _layer_entries(layer: Layer) -> list[Entry]:
     elif layer.format == "nvfp4":
         out.append(Entry(f"{n}.weight", w.shape, torch.uint8, w.loader, n))
         ws = layer.sides["weight_scale"]
-        out.append(Entry(f"{n}.weight_scale", ws.shape, torch.float8_e4m3fn, _view(ws, torch.float8_e4m3fn), n))
+        if layer.scale_layout == ROW_MAJOR:  # canonical is ComfyUI's blocked layout
+            shape = (-(-w.shape[0] // 128) * 128, -(-w.shape[1] * 2 // 16 // 4) * 4)
+            out.append(Entry(f"{n}.weight_scale", shape, torch.float8_e4m3fn,
+                             lambda ws=ws: to_blocked(ws.load().view(torch.float8_e4m3fn)), n))
+        else:
+            out.append(Entry(f"{n}.weight_scale", ws.shape, torch.float8_e4m3fn, _view(ws, torch.float8_e4m3fn), n))
         out.append(Entry(f"{n}.weight_scale_2", (), torch.float32, _scalar_fp32(layer.sides["weight_scale_2"]), n))
         if "input_scale" in layer.sides:
             out.append(Entry(f"{n}.input_scale", (), torch.float32, _scalar_fp32(layer.sides["input_scale"]), n))

@@ -122,10 +122,10 @@ def plan(model: CanonicalModel, to: str, errors: dict[str, float]) -> list[Entry
 
 
 def convert(src, dst, *, base=None, to: str = "float8_e4m3fn", nibble_order: str | None = None,
-            progress: Callable[[int, int], None] | None = None) -> ConvertResult:
-    model = load_canonical(src, nibble_order=nibble_order)
+            nvfp4_scale_layout: str | None = None, progress: Callable[[int, int], None] | None = None) -> ConvertResult:
+    model = load_canonical(src, nibble_order=nibble_order, nvfp4_scale_layout=nvfp4_scale_layout)
     if base:
-        model = overlay(model, load_canonical(base, nibble_order=nibble_order))
+        model = overlay(model, load_canonical(base, nibble_order=nibble_order, nvfp4_scale_layout=nvfp4_scale_layout))
     if model.report.errors:
         raise WanquantError(model.report.errors[0], file=str(src))
     errors: dict[str, float] = {}

@@ -20,6 +20,7 @@ import torch
 from ..errors import WanquantError
 from . import nibble_order
 from .containers import TensorRef
+from .nvfp4_layout import BLOCKED, UNTAGGED_NVFP4, fitting_layouts
 
 FP8_DTYPES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
 PLAIN_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -53,6 +54,7 @@ class Layer:
     conf: dict = field(default_factory=dict)  # comfy_quant JSON for quantized layers
     others: dict[str, TensorRef] = field(default_factory=dict)  # bias etc. (suffix → ref)
     nibble_order: str | None = None  # FP4 group-32 only: how the source packs nibbles
+    scale_layout: str | None = None  # NVFP4 only: "blocked" / "row_major"; None = to be decided
 
     @property
     def quantized(self) -> bool:
@@ -254,7 +256,7 @@ def _classify_uint8(module, weight, sides, others, file) -> Layer:
                             found=f"uint8 {list(weight.shape)} and no scale")
     if ws.dtype == torch.float8_e4m3fn and "weight_scale_2" in sides:
         conf = {"format": "nvfp4"}
-        return _classify_comfy(module, weight, sides, others, conf, file, spelling="nvfp4 without comfy_quant")
+        return _classify_comfy(module, weight, sides, others, conf, file, spelling=UNTAGGED_NVFP4)
     if ws.dtype not in FLOAT_DTYPES:
         raise WanquantError("packed uint8 weight with a non-float scale", file=file, layer=module,
                             expected="float weight_scale (FP4 group-32) or fp8 block scales + weight_scale_2 (NVFP4)",
@@ -311,9 +313,15 @@ def _classify_comfy(module, weight, sides, others, conf, file, spelling=None) ->
                                 found=f"{weight.dtype} weight, scales: {sorted(sides)}")
         n, half = weight.shape
         want = (_roundup(n, 128), _roundup(half * 2 // 16, 4))
-        if tuple(ws.shape) != want or ws.dtype not in (torch.float8_e4m3fn, torch.uint8):
+        # tagged files are ComfyUI's (blocked); an untagged one may be row-major: nvfp4_layout decides
+        fits = (fitting_layouts(weight.shape, ws.shape) if spelling == UNTAGGED_NVFP4
+                else [BLOCKED] if tuple(ws.shape) == want else [])
+        if not fits or ws.dtype not in (torch.float8_e4m3fn, torch.uint8):
+            also = f" or row-major {[n, half * 2 // 16]}" if spelling == UNTAGGED_NVFP4 else ""
             raise WanquantError("NVFP4 block scales do not fit the weight", file=file, layer=module,
-                                expected=f"fp8 {list(want)} (blocked 128x4 layout)", found=f"{ws.dtype} {list(ws.shape)}")
+                                expected=f"fp8 {list(want)} (blocked 128x4 layout){also}",
+                                found=f"{ws.dtype} {list(ws.shape)}")
+        layout = fits[0] if len(fits) == 1 else None
         check_scalar_scale(ws2, file, module, "weight_scale_2")
         if "input_scale" in sides:
             check_scalar_scale(sides["input_scale"], file, module, "input scale")
@@ -350,7 +358,8 @@ def _classify_comfy(module, weight, sides, others, conf, file, spelling=None) ->
     if leftover:
         raise WanquantError(f"unexpected side tensor on a {fmt} layer", file=file, layer=module,
                             found=", ".join(sides[r].key for r in sorted(leftover)))
-    return Layer(module, fmt, spelling, weight, keep, dict(conf), others)
+    return Layer(module, fmt, spelling, weight, keep, dict(conf), others,
+                 scale_layout=layout if fmt == "nvfp4" else None)
 
 
 def _roundup(x: int, m: int) -> int:
