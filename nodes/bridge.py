@@ -45,10 +45,11 @@ def policy_options() -> list[str]:
     return [*OPTIONS, NATIVE]
 
 
-def build_canonical(path: str, base: str | None = None, nibble_order: str = "auto") -> CanonicalModel:
-    model = load_canonical(path, nibble_order=nibble_order)
+def build_canonical(path: str, base: str | None = None, nibble_order: str = "auto",
+                    nvfp4_scale_layout: str = "auto") -> CanonicalModel:
+    model = load_canonical(path, nibble_order=nibble_order, nvfp4_scale_layout=nvfp4_scale_layout)
     if base:
-        model = overlay(model, load_canonical(base, nibble_order=nibble_order))
+        model = overlay(model, load_canonical(base, nibble_order=nibble_order, nvfp4_scale_layout=nvfp4_scale_layout))
     rep = model.report
     if rep.errors:
         raise WanquantError(rep.errors[0])
@@ -75,7 +76,8 @@ def split_extras(model: CanonicalModel) -> tuple[list[str], list[str]]:
 
 
 def load_wan_model(path: str, base: str | None = None, policy: str = "auto", compute_dtype: str = "auto",
-                   nibble_order: str = "auto", progress=None, disable_dynamic: bool = False) -> LoadResult:
+                   nibble_order: str = "auto", progress=None, disable_dynamic: bool = False,
+                   nvfp4_scale_layout: str = "auto") -> LoadResult:
     """Build a ComfyUI ModelPatcher for any supported Wan checkpoint (raises WanquantError)."""
     import comfy.model_management as mm
     import comfy.sd
@@ -84,7 +86,7 @@ def load_wan_model(path: str, base: str | None = None, policy: str = "auto", com
         raise WanquantError("unknown op policy", expected=" / ".join(policy_options()), found=policy)
     if compute_dtype not in COMPUTE_DTYPES:
         raise WanquantError("unknown compute dtype", expected=" / ".join(COMPUTE_DTYPES), found=compute_dtype)
-    model = build_canonical(path, base, nibble_order)
+    model = build_canonical(path, base, nibble_order, nvfp4_scale_layout)
     keep, extras = split_extras(model)
     has_fp4 = any(l.format == "fp4_g32" for l in model.layers.values())
     load_device = mm.get_torch_device()
@@ -115,7 +117,7 @@ def load_wan_model(path: str, base: str | None = None, policy: str = "auto", com
                             f"({model.report.variant})", file=path)
     if compute_dtype != "auto" and policy == NATIVE:
         patcher.set_model_compute_dtype(COMPUTE_DTYPES[compute_dtype])
-    patcher.cached_patcher_init = (reload_patcher, (path, base, policy, compute_dtype, nibble_order))
+    patcher.cached_patcher_init = (reload_patcher, (path, base, policy, compute_dtype, nibble_order, nvfp4_scale_layout))
     patcher.model.wanquant_extras = extra_tensors  # Vista4D / WorldStereo modules, for nodes that use them
     patcher.model.wanquant_report = model.report
 
@@ -125,9 +127,10 @@ def load_wan_model(path: str, base: str | None = None, policy: str = "auto", com
     return LoadResult(patcher, model, lines)
 
 
-def reload_patcher(path, base, policy, compute_dtype, nibble_order, disable_dynamic=False):
+def reload_patcher(path, base, policy, compute_dtype, nibble_order, nvfp4_scale_layout="auto", disable_dynamic=False):
     """``cached_patcher_init`` factory: rebuild the model from the files, from scratch."""
-    return load_wan_model(path, base, policy, compute_dtype, nibble_order, disable_dynamic=disable_dynamic).patcher
+    return load_wan_model(path, base, policy, compute_dtype, nibble_order, disable_dynamic=disable_dynamic,
+                          nvfp4_scale_layout=nvfp4_scale_layout).patcher
 
 
 def _report_lines(model: CanonicalModel, extras: list[str], policy: str, plan, patcher) -> list[str]:
