@@ -6,7 +6,10 @@ loader; nothing is read until asked) plus a :class:`Report`. The CLI writes it, 
 hands it to ComfyUI, the LoRA code reads from it.
 
 fp8 payloads are passed through bit for bit; scales are only re-typed to fp32 scalars (exact for
-bf16/fp16 sources); FP4 group-32 nibbles are normalised to high-nibble-first (a lossless swap).
+bf16/fp16 sources); FP4 group-32 nibbles are normalised to high-nibble-first (a lossless swap; the
+order is decided in :mod:`.nibble_order`); row-major NVFP4 block scales are re-tiled to ComfyUI's
+layout (:mod:`.nvfp4_layout`); quantized layers ComfyUI cannot run quantized are dequantized
+exactly (:mod:`.comfy_linear`).
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ from ..errors import WanquantError
 from ..ops.formats import comfy_quant_tensor, swap_nibbles, to_blocked
 from . import keymap
 from .containers import Source, TensorRef, open_source
-from .detect import MARKER_KEY, Detection, Layer, _header_quant_layers, detect_layers
 from .comfy_linear import runs_quantized
+from .detect import MARKER_KEY, Detection, Layer, _header_quant_layers, detect_layers
 from .family import Family, recognise
 from .nibble_order import resolve as resolve_nibble_order
 from .nvfp4_layout import ROW_MAJOR, UNTAGGED_NVFP4
 from .nvfp4_layout import resolve as resolve_scale_layout
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class Entry:
