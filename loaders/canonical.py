@@ -44,6 +44,10 @@ class Entry:
     dtype: torch.dtype
     load: Callable[[], torch.Tensor] = field(repr=False)
     layer: str | None = None  # owning quantized/plain module, for overlay and reports
+    # An fp4_g32 weight stored low-nibble-first: ``load`` swaps it into the canonical order (a
+    # fresh copy); ``unswapped`` hands out the file's own bytes, for a consumer that decodes that
+    # order in place (the ComfyUI loader: pages stay file-backed instead of a private copy).
+    unswapped: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -489,8 +493,11 @@ def _layer_entries(layer: Layer) -> list[Entry]:
         ws = layer.sides["weight_scale"]
         out.append(Entry(f"{n}.weight_scale", ws.shape, torch.uint8, _view(ws, torch.uint8), n))
     elif layer.format == "fp4_g32":
-        load_w = w.loader if layer.nibble_order == "high_first" else (lambda w=w: swap_nibbles(w.load()))
-        out.append(Entry(f"{n}.weight", w.shape, torch.uint8, load_w, n))
+        if layer.nibble_order == "high_first":
+            out.append(Entry(f"{n}.weight", w.shape, torch.uint8, w.loader, n))
+        else:
+            out.append(Entry(f"{n}.weight", w.shape, torch.uint8, lambda w=w: swap_nibbles(w.load()), n,
+                             unswapped=w.loader))
         ws = layer.sides["weight_scale"]
         out.append(Entry(f"{n}.weight_scale", ws.shape, ws.dtype, ws.loader, n))  # source dtype (bf16): no upcast
     else:  # pragma: no cover - detect.py only produces the formats above

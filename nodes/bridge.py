@@ -134,10 +134,18 @@ def _build_patcher(model: CanonicalModel, path, base, policy, compute_dtype, nib
     # layers that change (fused k/v, nibble swaps, re-typed scales) are materialised, one by one.
     total = len(keep)
     sd = {}
+    low_first = set()
     for i, k in enumerate(keep):
-        sd[k] = model.entries[k].load()
+        e = model.entries[k]
+        if e.unswapped is not None and policy != NATIVE:  # our FP4 layout reads the file's order in place
+            sd[k] = e.unswapped()
+            low_first.add(e.layer)
+        else:
+            sd[k] = e.load()
         if progress:
             progress(i + 1, total)
+    if low_first:
+        model_options["custom_operations"].wanquant_low_first = frozenset(low_first)
 
     patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options, metadata=model.metadata or None,
                                                        disable_dynamic=disable_dynamic)

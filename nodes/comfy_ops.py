@@ -35,7 +35,7 @@ import comfy.ops
 from comfy.quant_ops import QuantizedTensor
 
 from ..errors import WanquantError
-from ..ops.formats import FP8_FORMATS, comfy_quant_tensor, get_format, parse_comfy_quant
+from ..ops.formats import FP8_FORMATS, comfy_quant_tensor, get_format, parse_comfy_quant, swap_nibbles
 from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
 from ..ops.policy import DENSE, DEQUANT, FP8_MATMUL, KITCHEN_MATMUL, OpsPlan
 
@@ -52,13 +52,17 @@ except ImportError:  # pragma: no cover - ComfyUI without kitchen cannot load qu
 
 if QuantizedLayout is not None:
     class FP4G32Layout(QuantizedLayout):
-        """E2M1 codes (high nibble first) with fp32 per-32 group scales: weight-only everywhere."""
+        """E2M1 codes with per-32 group scales (the file's float dtype): weight-only everywhere.
+
+        ``hi_first`` False keeps a low-nibble-first file's bytes as they are (memory-mapped, no
+        swapped private copy); decoding reads that order, and everything handed out of the layout
+        (state dicts, plain tensors) is the canonical high-nibble-first form."""
 
         MIN_SM_VERSION = None
 
         @dataclass(frozen=True)
         class Params(BaseLayoutParams):
-            pass  # ``scale`` holds the [N, K/32] group scales in the file's float dtype
+            hi_first: bool = True  # byte order of qdata, as loaders.nibble_order decided it
 
         @classmethod
         def quantize(cls, tensor, scale=None, stochastic_rounding=0, inplace_ops=False, **kwargs):
@@ -74,16 +78,19 @@ if QuantizedLayout is not None:
 
         @classmethod
         def dequantize(cls, qdata, params):
-            return get_format("fp4_g32").dequantize({"weight": qdata, "weight_scale": params.scale},
-                                                    out_dtype=params.orig_dtype)
+            return get_format("fp4_g32").decode(qdata, params.scale, params.orig_dtype, hi_first=params.hi_first)
+
+        @staticmethod
+        def _canonical(qdata, params):
+            return qdata if params.hi_first else swap_nibbles(qdata)
 
         @classmethod
         def get_plain_tensors(cls, qtensor):
-            return qtensor._qdata, qtensor._params.scale
+            return cls._canonical(qtensor._qdata, qtensor._params), qtensor._params.scale
 
         @classmethod
         def state_dict_tensors(cls, qdata, params):
-            return {"": qdata, "_scale": params.scale}
+            return {"": cls._canonical(qdata, params), "_scale": params.scale}
 
     register_layout_class(FP4G32_LAYOUT, FP4G32Layout)
 
@@ -135,6 +142,8 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
 
     class WanquantOps(base):
         wanquant_plan = plan
+        # fp4_g32 layers the loader hands over in the file's low-nibble-first order (unswapped)
+        wanquant_low_first: frozenset = frozenset()
 
         class Linear(base.Linear):
             _wq_choice = None
@@ -189,7 +198,8 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 self.quant_format = "fp4_g32"
                 self.layout_type = FP4G32_LAYOUT
                 params = FP4G32Layout.Params(scale=s.to(device=device),  # the file's scale dtype (bf16): no upcast
-                                             orig_dtype=self.factory_kwargs["dtype"], orig_shape=(n, k))
+                                             orig_dtype=self.factory_kwargs["dtype"], orig_shape=(n, k),
+                                             hi_first=name not in WanquantOps.wanquant_low_first)
                 self.weight = torch.nn.Parameter(QuantizedTensor(w.to(device=device, dtype=torch.uint8),
                                                                  FP4G32_LAYOUT, params), requires_grad=False)
                 torch.nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
@@ -233,6 +243,9 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 fast = choice.path == FP8_MATMUL and fmt in FP8_FORMATS and not patched
                 with _cast_weights(self, input, want_requant=fast) as (weight, bias):
                     if isinstance(weight, QuantizedTensor):
+                        if fmt == "fp4_g32":  # our own layout decodes its qdata as stored, into input's dtype
+                            self._wq_record(DEQUANT, patched)
+                            return torch.nn.functional.linear(input, weight.dequantize().to(input.dtype), bias)
                         tensors = plain_tensors(weight)
                         if fast:
                             self._wq_record(FP8_MATMUL)

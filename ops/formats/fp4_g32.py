@@ -50,10 +50,18 @@ class FP4G32(QuantFormat):
             raise WanquantError("fp4_g32 scale does not match the weight", expected=f"float [{n}, {k // GROUP}]",
                                 found=f"{s.dtype} {list(s.shape)}")
         _check_canonical(conf)
-        # decoded straight into a 16-bit compute dtype (E2M1 values are exact there; the scale is
-        # rounded to it once, e.g. exact for the release's bf16 scales): no fp32 temporary
+        return self.decode(w, s, out_dtype)
+
+    def decode(self, w: torch.Tensor, s: torch.Tensor, out_dtype=torch.float32, *, hi_first: bool = True):
+        """Codes and group scales -> [N, K]. ``hi_first`` False reads low-nibble-first bytes as they
+        lie in the file; only a holder of ``loaders.nibble_order``'s decision passes it (the
+        ComfyUI layout, which keeps the file's pages instead of a swapped private copy).
+
+        Decoded straight into a 16-bit compute dtype (E2M1 values are exact there; the scale is
+        rounded to it once, e.g. exact for the release's bf16 scales): no fp32 temporary."""
+        n, k = w.shape[0], w.shape[1] * 2
         dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else torch.float32
-        vals = decode_e2m1(w, True, dtype).reshape(n, k // GROUP, GROUP)
+        vals = decode_e2m1(w, hi_first, dtype).reshape(n, k // GROUP, GROUP)
         full = vals.mul_(s.to(device=w.device, dtype=dtype).unsqueeze(-1)).reshape(n, k)  # fresh: in place
         return full if full.dtype == out_dtype else full.to(out_dtype)
 
