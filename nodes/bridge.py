@@ -38,10 +38,8 @@ class LoadResult:
 
 
 def policy_options() -> list[str]:
-    try:
-        from ..ops.policy import OPTIONS
-    except ImportError:  # pragma: no cover
-        OPTIONS = ("auto",)
+    from ..ops.policy import OPTIONS
+
     return [*OPTIONS, NATIVE]
 
 

@@ -138,9 +138,6 @@ def linear_dequant(x: torch.Tensor, fmt: str, tensors: dict[str, torch.Tensor],
             y.add_(bias.to(y.dtype))
         return y
     w = f.dequantize(tensors, out_dtype=x.dtype, conf=conf)
-    if w.shape[1] != k:
-        if w.shape[1] > k:  # stored padded without an orig_shape in conf
-            w = w[:, :k]
-        else:
-            raise WanquantError("input features do not match the weight", expected=str(w.shape[1]), found=str(k))
+    if w.shape[1] != k:  # a padded layer carries its orig_shape in conf; anything else is a mismatch
+        raise WanquantError("input features do not match the weight", expected=str(w.shape[1]), found=str(k))
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))

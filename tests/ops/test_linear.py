@@ -134,3 +134,11 @@ def test_padded_dequant_linear_and_errors():
         linear_fp8_scaled_mm(torch.randn(2, 41), make("float8_e4m3fn", 8, 40)[0]["weight"], torch.tensor(1.0))
     with pytest.raises(WanquantError):
         linear_fp8_scaled_mm(torch.randn(2, 40), torch.zeros(8, 40), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "nvfp4", "fp4_g32"])
+def test_dequant_path_refuses_a_weight_wider_than_the_input(fmt):
+    """Silently cropping the weight's extra columns would compute with a different layer."""
+    t, conf, b, _ = make(fmt, 8, 64)
+    with pytest.raises(WanquantError, match="input features do not match"):
+        linear_dequant(torch.randn(3, 32, dtype=torch.bfloat16), fmt, t, b, conf)
