@@ -603,14 +603,17 @@ def main(argv=None) -> int:
         SNAPSHOT.write_text(json.dumps(snap, indent=1, sort_keys=True) + "\n")
         print(f"wrote {SNAPSHOT} ({len(snap)} node types)")
     info = json.loads(SNAPSHOT.read_text())
+    thumbnails = not args.no_thumbnails
     for name, fn in WORKFLOWS.items():
         wf = fn(info).to_json(name)
         (HERE / f"{name}.json").write_text(json.dumps(wf, indent=1, ensure_ascii=False) + "\n")
-        if not args.no_thumbnails:
+        if thumbnails:
             try:
                 thumbnail(dict(wf, _title=name), HERE / f"{name}.jpg")
             except ImportError:
-                print("Pillow is not installed: thumbnails not rendered", file=sys.stderr)
+                thumbnails = False
+                print("Pillow is not installed: thumbnails (.jpg) not rendered; `pip install -e '.[dev]'` "
+                      "(or `pip install Pillow`) and run this again to refresh them", file=sys.stderr)
         print("wrote", name)
     return 0
 
