@@ -48,11 +48,12 @@ def regular_file_size(path: str, what: str = "model file") -> int:
         raise WanquantError(f"cannot read {what}: {exc.strerror}", file=path) from exc
     if not stat.S_ISREG(st.st_mode):
         raise WanquantError(f"{what} is not a regular file", file=path, expected="a file",
-                            found=_kind(st.st_mode))
+                            found=file_kind(st.st_mode))
     return st.st_size
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """'a directory', 'a FIFO (named pipe)', ... for error messages."""
     for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISSOCK, "a socket")):
@@ -143,6 +144,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, st
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise WanquantError("safetensors __metadata__ must map strings to strings", file=path,
                             found=repr(metadata)[:200])
+    for text in (*header, *metadata, *metadata.values()):
+        _utf8(path, text)
     data_len = size - 8 - n
     spans = []
     for key, info in header.items():
@@ -157,6 +160,16 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, st
                                 expected=f"{want} bytes for {dtype_name}{shape}", found=f"{end - begin}")
     _check_spans(path, spans, data_len, size, 8 + n)
     return header, metadata, 8 + n
+
+
+def _utf8(path: str, text: str) -> None:
+    """JSON's \\ud800 escapes decode to lone surrogates that no file name or terminal can hold
+    (the safetensors library refuses them); refuse them here, not when the report is printed."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise WanquantError("safetensors header holds a string that is not valid Unicode (lone surrogate)",
+                            file=path, found=repr(text)[:100]) from exc
 
 
 def _too_many(path: str, found: str):
