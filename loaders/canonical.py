@@ -154,6 +154,9 @@ def _map_keys(keys, style: str, file: str) -> tuple[dict[str, str], list[str]]:
     mapping: dict[str, str] = {}
     unrecognised: list[str] = []
     for k in keys:
+        if PART_MARK in k:  # would be taken for one half of a fused k/v layer below
+            raise WanquantError(f"key contains '{PART_MARK}', which no checkpoint format uses", file=file, layer=k,
+                                expected="Wan parameter names")
         if k == MARKER_KEY or style == "native" or keymap.is_extra(k):
             mapping[k] = k
             continue

@@ -257,3 +257,12 @@ def test_nested_side_file_is_one_error(tmp_path):
     with pytest.raises(WanquantError, match="nested|JSON") as e:
         open_source(p)
     assert e.value.file == str(side)
+
+
+@pytest.mark.parametrize("key", ["blocks.0.ffn.0@partx.weight", "blocks.0.ffn.0@part0@part1.weight",
+                                 "face_adapter.fuser_blocks.0.linear1_kv@part1.weight"])
+def test_keys_with_the_reserved_part_mark(tmp_path, key):
+    p = syn.save({"head.modulation": torch.zeros(1, 2, 256), key: torch.zeros(4, 4)}, tmp_path / "m.safetensors")
+    with pytest.raises(WanquantError, match="@part") as e:
+        load_canonical(p, collect_errors=True)
+    assert e.value.layer == key
