@@ -18,23 +18,13 @@ from typing import Callable
 import torch
 
 from ..errors import WanquantError
-from .header import load_json, read_safetensors_header
+from .header import TORCH_DTYPES, load_json, read_safetensors_header
 from .index import read_index, shard_path
 from .pth import read_pth
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-if hasattr(torch, "float8_e8m0fnu"):
-    SAFETENSORS_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
-for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = dict(TORCH_DTYPES)  # one map, owned by the header validator
 DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 MODEL_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".ckpt")

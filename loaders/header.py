@@ -23,7 +23,7 @@ from ..errors import WanquantError
 
 #: the safetensors library's own cap on the header length (``MAX_HEADER_SIZE``)
 MAX_HEADER_BYTES = 100_000_000
-#: no Wan checkpoint or LoRA comes near this (a 14B fp8 model with scales has ~2,000 tensors);
+#: no Wan checkpoint or LoRA comes near this (a 14B model with per-layer scales has a few thousand);
 #: it keeps a header of a million empty tensors from taking minutes and gigabytes to inspect
 MAX_TENSORS = 50_000
 #: shapes and offsets are u64 in the format; Python ints are unbounded, so bound them here
@@ -111,7 +111,10 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, st
     path = os.fspath(path)
     size = regular_file_size(path)
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: if the path was swapped for a FIFO after the check, opening must not block
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise WanquantError("model file is not a regular file", file=path, expected="a file")
             head = f.read(8)
             if len(head) < 8:
                 raise WanquantError("file is too short to be safetensors (truncated?)", file=path,

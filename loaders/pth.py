@@ -62,6 +62,11 @@ def _check(path: str, key, t, owners: dict[tuple, str]) -> None:
     if not isinstance(key, str):
         raise WanquantError("state dict key is not a string", file=path, layer=repr(key)[:100],
                             expected="str keys", found=type(key).__name__)
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WanquantError("state dict key is not valid Unicode (lone surrogate)", file=path,
+                            layer=repr(key)[:100]) from None
     if not isinstance(t, torch.Tensor):
         raise WanquantError("state dict entry is not a tensor", file=path, layer=key, found=type(t).__name__)
     if t.layout != torch.strided or t.is_quantized:

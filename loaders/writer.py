@@ -168,8 +168,7 @@ def write_safetensors(dst: str | os.PathLike, items: Iterable[tuple[str, tuple[i
 
 def _write_body(fd: int, raw: bytes, items, sources: dict[str, int], progress) -> None:
     with os.fdopen(fd, "wb", buffering=0) as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+        _write_all(f, len(raw).to_bytes(8, "little") + raw)
         for i, (key, shape, dtype, load) in enumerate(items):
             rng = getattr(load, "source_range", None)
             if not (rng and _copy_range(sources, rng, f.fileno())):

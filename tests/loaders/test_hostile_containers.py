@@ -165,12 +165,13 @@ def test_pth_both_formats_read(tmp_path, legacy):
 @pytest.mark.parametrize("case,match", [
     ("int_key", "not a string"), ("tuple_key", "not a string"), ("meta", "meta tensor"),
     ("sparse", "sparse"), ("empty", "no tensors"), ("shared", "share one storage"), ("expanded", "expanded"),
+    ("surrogate", "lone surrogate"),
 ])
 def test_pth_odd_contents_refused(tmp_path, legacy, case, match):
     x = torch.zeros(8)
     sd = {"int_key": {1: x}, "tuple_key": {("a", 1): x}, "meta": {"a": torch.zeros(3, device="meta")},
           "sparse": {"a": torch.eye(3).to_sparse()}, "empty": {}, "shared": {"a": x, "b": x[2:4]},
-          "expanded": {"a": torch.zeros(4, 1).expand(4, 1000)}}[case]
+          "expanded": {"a": torch.zeros(4, 1).expand(4, 1000)}, "surrogate": {"a\ud800": x}}[case]
     p = tmp_path / "m.pth"
     torch.save(sd, p, _use_new_zipfile_serialization=not legacy)
     refused(p, match)
