@@ -3,6 +3,9 @@
 Arguments, progress bars and printing only; the work is done in loaders/ and ops/.
 Run without arguments it builds a tiny Wan-shaped example checkpoint and inspects and converts
 it, so a newcomer sees the tool work before downloading 20 GB.
+
+Every failure is one line on stderr and an exit code: 2 bad input or options (WanquantError),
+1 an OS error, 130 Ctrl-C, 128+N a SIGTERM/SIGHUP, 141 a closed pipe (``inspect --json | head``).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -50,8 +55,7 @@ def cmd_convert(args) -> int:
                          nvfp4_scale_layout=args.nvfp4_scale_layout, progress=progress)
     finally:
         close()
-    print(format_report(result.report))
-    for line in result.lines():
+    for line in result.text:
         print(line)
     return 0
 
@@ -80,12 +84,36 @@ def cmd_demo(_args) -> int:
     return 0
 
 
+def _verbose_parent() -> argparse.ArgumentParser:
+    """``-v`` for every subcommand too (``wanquant convert -v A B``), without overriding a ``-v``
+    given before the subcommand (SUPPRESS: the subparser sets it only when it sees it)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log details")
+    return parent
+
+
+def _convert_args(pc: argparse.ArgumentParser) -> None:
+    pc.add_argument("src")
+    pc.add_argument("dst", help="output .safetensors (written to a temp file, renamed when complete); "
+                                "its folder must exist")
+    pc.add_argument("--base", help="base model to overlay a partial finetune on (e.g. Vista4D on Wan2.1-T2V-14B)")
+    pc.add_argument("--to", choices=["bf16", "float8_e4m3fn", "nvfp4"], default="float8_e4m3fn",
+                    help="target for FP4 group-32 layers, which stock ComfyUI cannot load (default float8_e4m3fn)")
+    pc.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto",
+                    help="FP4 group-32 packing (as for inspect)")
+    pc.add_argument("--nvfp4-scale-layout", choices=["auto", "blocked", "row_major"], default="auto",
+                    help="NVFP4 block-scale layout without comfy_quant (as for inspect)")
+    pc.set_defaults(func=cmd_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wanquant", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = p.add_subparsers(dest="command")
+    verbose = [_verbose_parent()]
 
-    pi = sub.add_parser("inspect", help="report container, key style, family and per-layer formats (no model load)")
+    pi = sub.add_parser("inspect", parents=verbose,
+                        help="report container, key style, family and per-layer formats (no model load)")
     pi.add_argument("path", help="a .safetensors/.pth file, a *.index.json or a model folder")
     pi.add_argument("--json", action="store_true", help="print one JSON object")
     pi.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto",
@@ -96,46 +124,70 @@ def build_parser() -> argparse.ArgumentParser:
                          "from the scales; refused when they cannot tell)")
     pi.set_defaults(func=cmd_inspect)
 
-    pc = sub.add_parser("convert", help="write ComfyUI's native format (loads in stock ComfyUI's UNETLoader)")
-    pc.add_argument("src")
-    pc.add_argument("dst", help="output .safetensors (written to a temp file, renamed when complete)")
-    pc.add_argument("--base", help="base model to overlay a partial finetune on (e.g. Vista4D on Wan2.1-T2V-14B)")
-    pc.add_argument("--to", choices=["bf16", "float8_e4m3fn", "nvfp4"], default="float8_e4m3fn",
-                    help="target for FP4 group-32 layers, which stock ComfyUI cannot load (default float8_e4m3fn)")
-    pc.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto",
-                    help="FP4 group-32 packing (as for inspect)")
-    pc.add_argument("--nvfp4-scale-layout", choices=["auto", "blocked", "row_major"], default="auto",
-                    help="NVFP4 block-scale layout without comfy_quant (as for inspect)")
-    pc.set_defaults(func=cmd_convert)
-
-    sub.add_parser("remap", parents=[], add_help=True,
-                   help="alias of convert (diffusers/Vista4D/WorldStereo keys → native)").set_defaults(func=None)
-    _register_extra_commands(sub)
+    _convert_args(sub.add_parser("convert", parents=verbose,
+                                 help="write ComfyUI's native format (loads in stock ComfyUI's UNETLoader)"))
+    _convert_args(sub.add_parser("remap", parents=verbose,
+                                 help="alias of convert (diffusers/Vista4D/WorldStereo keys → native)",
+                                 description="Same as `wanquant convert`: rewrite diffusers/Vista4D/WorldStereo "
+                                             "keys to native and write ComfyUI's native format."))
+    _register_extra_commands(sub, verbose)
     return p
 
 
-def _register_extra_commands(sub) -> None:
+def _register_extra_commands(sub, parents) -> None:
     """Commands contributed by other modules (e.g. merge-lora)."""
     try:
         from .loaders import lora_cli
     except ImportError:
         return
-    lora_cli.register(sub)
+    lora_cli.register(sub, parents)
+
+
+def _fail(message: str, code: int) -> int:
+    try:
+        print(f"wanquant: {message}", file=sys.stderr)
+    except (OSError, ValueError):  # stderr itself gone
+        pass
+    return code
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe, point stdout at /dev/null so Python's exit-time flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file descriptor (captured in tests)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "remap":
-        argv = ["convert", *argv[1:]]
+    for stream in (sys.stdout, sys.stderr):  # a key or path that cannot be encoded must not crash printing
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     func = getattr(args, "func", None) or cmd_demo
+    from .loaders.writer import Terminated
+
     try:
         return func(args)
     except WanquantError as err:
-        print(f"wanquant: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {err}", 2)
+    except KeyboardInterrupt:
+        return _fail("interrupted (nothing was written)", 130)
+    except Terminated as sig:
+        return _fail(f"{sig} (nothing was written)", 128 + sig.signum)
+    except BrokenPipeError:
+        _silence_stdout()
+        return 128 + getattr(signal, "SIGPIPE", 13)
+    except MemoryError:
+        return _fail("error: out of memory", 1)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        return _fail(f"error: {exc.strerror or exc}{where}", 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

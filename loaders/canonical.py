@@ -192,6 +192,9 @@ def _map_keys(keys, style: str, file: str) -> tuple[dict[str, str], list[str]]:
     mapping: dict[str, str] = {}
     unrecognised: list[str] = []
     for k in keys:
+        if PART_MARK in k:  # would be taken for one half of a fused k/v layer below
+            raise WanquantError(f"key contains '{PART_MARK}', which no checkpoint format uses", file=file, layer=k,
+                                expected="Wan parameter names")
         if k == MARKER_KEY or style == "native" or keymap.is_extra(k):
             mapping[k] = k
             continue
@@ -227,14 +230,26 @@ def load_canonical(path, *, nibble_order: str | None = None, nvfp4_scale_layout:
         raise
 
 
-def load_with_base(path, base=None, **kwargs) -> CanonicalModel:
+def load_with_base(path, base=None, *, check: Callable[[CanonicalModel, str, str], None] | None = None,
+                   **kwargs) -> CanonicalModel:
     """``load_canonical(path)``, overlaid on ``base`` when given; one model that owns (and on
-    failure closes) every file it opened."""
-    model = load_canonical(path, **kwargs)
+    failure closes) every file it opened. ``check(model, path, role)`` runs on each file's model
+    before the overlay (role "model" or "--base") and may raise."""
+    def opened(p, role):
+        m = load_canonical(p, **kwargs)
+        try:
+            if check is not None:
+                check(m, p, role)
+        except BaseException:
+            m.close()
+            raise
+        return m
+
+    model = opened(path, "model")
     if not base:
         return model
     try:
-        base_model = load_canonical(base, **kwargs)
+        base_model = opened(base, "--base")
     except BaseException:
         model.close()
         raise

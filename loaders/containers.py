@@ -2,8 +2,8 @@
 
 Every reader yields the same thing, a :class:`Source`: a map of key → :class:`TensorRef` that
 knows shape and dtype from the header alone and loads the tensor only when asked. Nothing here
-knows about Wan or quantization; it only refuses files that are unsafe or broken, with a message
-that names the file and what was expected.
+knows about Wan or quantization; it only refuses files that are unsafe or broken (``header``,
+``index``, ``pth`` validate them), with a message that names the file and what was expected.
 
 Two ways to read safetensors data, because the two users want opposite things:
 
@@ -19,10 +19,8 @@ it opened: close it (it is a context manager) and no descriptor or mapping outli
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -30,25 +28,18 @@ from typing import Callable, Mapping
 import torch
 
 from ..errors import WanquantError
+from .header import TORCH_DTYPES, load_json, read_safetensors_header
+from .index import read_index, shard_path
+from .pth import read_pth
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-if hasattr(torch, "float8_e8m0fnu"):
-    SAFETENSORS_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
-for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = dict(TORCH_DTYPES)  # one map, owned by the header validator
 DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 MODEL_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".ckpt")
 SIDE_FILES = ("config.yaml", "config.json", "quantize_config.json")
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_SIDE_FILE_BYTES = 10_000_000  # configs are a few KB
 
 #: file path -> its tensors by key, memory-mapped (loaded lazily, once per file)
 TensorReader = Callable[[str], Mapping[str, torch.Tensor]]
@@ -185,60 +176,6 @@ class _MappedFile:
         self._tensors = None
 
 
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
-    """Parse and validate a safetensors header without touching the data.
-
-    Returns (entries, metadata, data_start). Checks that the header is complete JSON, that every
-    entry's byte range lies inside the file and matches its shape × dtype, so a truncated or
-    corrupt download is reported here, not as a crash halfway through sampling.
-    """
-    path = str(path)
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise WanquantError("file is too short to be safetensors (truncated?)", file=path,
-                                    expected="an 8-byte header length", found=f"{len(head)} bytes")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise WanquantError("safetensors header is larger than the file (truncated or not safetensors)",
-                                    file=path, expected=f"header of {n} bytes within a {size}-byte file")
-            raw = f.read(n)
-    except OSError as exc:
-        raise WanquantError(f"cannot read file: {exc.strerror}", file=path) from exc
-    try:
-        header = json.loads(raw.decode("utf-8").rstrip(" \x00"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WanquantError(f"safetensors header is not valid JSON ({exc})", file=path) from exc
-    if not isinstance(header, dict):
-        raise WanquantError("safetensors header is not a JSON object", file=path)
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + n
-    data_len = size - data_start
-    for key, info in header.items():
-        try:
-            dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise WanquantError("malformed header entry", file=path, layer=key,
-                                expected="dtype, shape and data_offsets", found=repr(info)[:200]) from exc
-        if dtype_name not in SAFETENSORS_DTYPES:
-            raise WanquantError("unsupported tensor dtype", file=path, layer=key,
-                                expected="one of " + ", ".join(SAFETENSORS_DTYPES), found=dtype_name)
-        numel = 1
-        for s in shape:
-            numel *= s
-        want = numel * torch.empty((), dtype=SAFETENSORS_DTYPES[dtype_name]).element_size()
-        if end - begin != want or begin < 0:
-            raise WanquantError("header byte range does not match shape and dtype", file=path, layer=key,
-                                expected=f"{want} bytes for {dtype_name}{list(shape)}", found=f"{end - begin}")
-        if end > data_len:
-            raise WanquantError("file is truncated: tensor data runs past the end of the file",
-                                file=path, layer=key, expected=f"at least {data_start + end} bytes",
-                                found=f"{size} bytes")
-    return header, {str(k): str(v) for k, v in metadata.items()}, data_start
-
-
 def _open_safetensors(path: str, reader: TensorReader | None = None):
     """(tensor refs, header metadata, the handle that owns the file's descriptor or mapping)."""
     header, metadata, data_start = read_safetensors_header(path)
@@ -261,80 +198,31 @@ def _bind(handle, key: str, begin: int, end: int, dtype: torch.dtype, shape, dat
     return load
 
 
-def _inside(folder: Path, name: str, index_path: str) -> Path:
-    """Resolve a shard name from an index, refusing anything that leaves the folder."""
-    if not isinstance(name, str) or not name or os.path.isabs(name) or name.startswith(("/", "\\")):
-        raise WanquantError("index names a shard outside its folder (absolute path)", file=index_path,
-                            expected="a file name relative to the index folder", found=repr(name))
-    if ".." in Path(name).parts or ".." in name.replace("\\", "/").split("/"):
-        raise WanquantError("index names a shard outside its folder ('..')", file=index_path,
-                            expected="a file name relative to the index folder", found=repr(name))
-    candidate = folder / name
-    real_folder = folder.resolve()
-    real = candidate.resolve()
-    if real != real_folder and real_folder not in real.parents:
-        raise WanquantError("index names a shard that links outside its folder", file=index_path,
-                            expected=f"a file inside {real_folder}", found=str(real))
-    return candidate
-
-
 def _open_index(index_path: Path, reader: TensorReader | None = None) -> Source:
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WanquantError(f"cannot read shard index ({exc})", file=str(index_path)) from exc
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise WanquantError("shard index has no weight_map", file=str(index_path),
-                            expected='{"weight_map": {key: shard file}}')
+    weight_map, index_metadata = read_index(index_path)
     folder = index_path.parent
     shards: dict[str, tuple[dict[str, TensorRef], dict, object]] = {}
     tensors: dict[str, TensorRef] = {}
     metadata: dict[str, str] = {}
     for key, name in weight_map.items():
-        shard = _inside(folder, name, str(index_path))
-        if name not in shards:
-            if not shard.is_file():
-                raise WanquantError("index names a shard that does not exist", file=str(index_path),
-                                    layer=key, expected=f"shard file {shard}", found="no such file")
+        if not isinstance(name, str) or name not in shards:
+            shard = shard_path(folder, name, str(index_path), key)
             shards[name] = _open_safetensors(str(shard), reader)
             metadata.update(shards[name][1])
         refs = shards[name][0]
         if key not in refs:
-            raise WanquantError("key from the index is missing in its shard", file=str(shard), layer=key,
+            raise WanquantError("key from the index is missing in its shard", file=str(folder / name), layer=key,
                                 expected=f"'{key}' in {name} (as the index says)", found="absent")
         tensors[key] = refs[key]
     unlisted = sum(len(set(r) - set(weight_map)) for r, _, _ in shards.values())
     if unlisted:
         log.warning("%s: %d tensors in shards are not listed in the index and are ignored", index_path, unlisted)
-    return Source(str(index_path), "sharded", tensors, metadata,
-                  index_metadata=index.get("metadata") or {}, files=[str(folder / n) for n in shards],
-                  handles=[h for _, _, h in shards.values()])
+    return Source(str(index_path), "sharded", tensors, metadata, index_metadata=index_metadata,
+                  files=[str(folder / n) for n in shards], handles=[h for _, _, h in shards.values()])
 
 
 def _open_pth(path: Path) -> Source:
-    import pickle
-
-    try:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy non-zip format
-    except pickle.UnpicklingError as exc:
-        raise WanquantError("refused: this pickle needs to run code to load (only plain tensors are "
-                            "accepted, torch.load weights_only=True)", file=str(path),
-                            found=str(exc).splitlines()[0][:300]) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise WanquantError(f"cannot read .pth file: {exc}".splitlines()[0][:500], file=str(path)) from exc
-    if isinstance(obj, dict) and len(obj) == 1:
-        (only,) = obj.values()
-        if isinstance(only, dict):
-            obj = only  # {"state_dict": {...}} / {"module": {...}}
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WanquantError("the .pth file does not hold a flat dict of tensors", file=str(path),
-                            expected="a state dict", found=type(obj).__name__)
+    obj = read_pth(path)
     tensors = {k: TensorRef(k, tuple(v.shape), v.dtype, str(path), (lambda v=v: v)) for k, v in obj.items()}
     return Source(str(path), "pth", tensors, files=[str(path)])
 
@@ -346,14 +234,14 @@ def _read_side_files(folder: Path) -> dict[str, object]:
         p = folder / name
         if not p.is_file():
             continue
-        text = p.read_text(errors="replace")
+        if p.stat().st_size > MAX_SIDE_FILE_BYTES:
+            raise WanquantError("side file is too large for a config", file=str(p),
+                                expected=f"at most {MAX_SIDE_FILE_BYTES:,} bytes", found=f"{p.stat().st_size:,} bytes")
+        raw = p.read_bytes()
         if name.endswith(".json"):
-            try:
-                found[name] = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise WanquantError(f"side file is not valid JSON ({exc})", file=str(p)) from exc
+            found[name] = load_json(raw, file=str(p), what="side file")
         else:
-            found[name] = text
+            found[name] = raw.decode("utf-8", errors="replace")
     return found
 
 
@@ -390,5 +278,7 @@ def open_source(path: str | os.PathLike, *, tensor_reader: TensorReader | None =
     else:
         refs, metadata, handle = _open_safetensors(str(p), tensor_reader)
         src = Source(str(p), "safetensors", refs, metadata, files=[str(p)], handles=[handle])
+    if not src.tensors:
+        raise WanquantError("file holds no tensors", file=str(p), expected="a checkpoint or LoRA", found="0 tensors")
     src.side_files = _read_side_files(p.parent)
     return src

@@ -17,7 +17,9 @@ import torch
 from ..errors import WanquantError
 from ..ops.formats import comfy_quant_tensor, get_format
 from .canonical import CanonicalModel, Entry, Report, load_with_base
-from .writer import write_safetensors
+from .lora import lora_key_example
+from .report_text import report_lines
+from .writer import check_destination, write_safetensors
 
 log = logging.getLogger(__name__)
 FP4_TARGETS = ("bf16", "float8_e4m3fn", "nvfp4")
@@ -31,6 +33,7 @@ class ConvertResult:
     tensors: int
     fp4_errors: dict[str, float] = field(default_factory=dict)  # layer → relative L2 error added
     to: str | None = None
+    text: list[str] = field(default_factory=list)  # report + summary, rendered before DST is replaced
 
     def lines(self) -> list[str]:
         out = [f"wrote {self.dst}: {self.tensors} tensors, {self.bytes_written / 2**20:.1f} MiB of tensor data"]
@@ -63,7 +66,11 @@ def _fp4_to_target(name: str, entries: dict[str, Entry], to: str, errors: dict[s
                 cache.update(tensors)
                 cache["comfy_quant"] = comfy_quant_tensor(conf)
                 got = fmt.dequantize(tensors, torch.float32, conf)
-            errors[name] = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+            if not bool(torch.isfinite(ref).all()):
+                raise WanquantError("FP4 group-32 scales give NaN/Inf weights (corrupt or out-of-range scale)",
+                                    layer=name, expected="finite group scales", found=f"{s_e.key}")
+            errors[name] = float(torch.linalg.vector_norm(got - ref, dtype=torch.float64)
+                                 / torch.linalg.vector_norm(ref, dtype=torch.float64).clamp_min(1e-30))
             pending.update(cache)
         return cache
 
@@ -122,8 +129,14 @@ def plan(model: CanonicalModel, to: str, errors: dict[str, float]) -> list[Entry
 
 
 def convert(src, dst, *, base=None, to: str = "float8_e4m3fn", nibble_order: str | None = None,
-            nvfp4_scale_layout: str | None = None, progress: Callable[[int, int], None] | None = None) -> ConvertResult:
-    with load_with_base(src, base, nibble_order=nibble_order, nvfp4_scale_layout=nvfp4_scale_layout) as model:
+            nvfp4_scale_layout: str | None = None, progress: Callable[[int, int], None] | None = None,
+            overwrite: bool = True) -> ConvertResult:
+    """Write ``src`` (optionally overlaid on ``base``) to ``dst`` in ComfyUI's native format.
+
+    DST is checked before any work; it is replaced only after every tensor is written and the
+    report rendered (``result.text``), so any failure leaves it as it was."""
+    check_destination(dst, overwrite=overwrite)
+    with _load_model(src, base, nibble_order, nvfp4_scale_layout) as model:
         return _convert(model, src, dst, base, to, progress)
 
 
@@ -135,7 +148,30 @@ def _convert(model: CanonicalModel, src, dst, base, to: str, progress) -> Conver
     meta = {"format": "pt", "wanquant": json.dumps({"source": str(src), "base": str(base) if base else None,
                                                      "key_style": model.report.key_style,
                                                      "variant": model.report.variant})}
-    written = write_safetensors(dst, [(e.key, e.shape, e.dtype, e.load) for e in entries], meta, progress)
+    result = ConvertResult(str(dst), model.report, 0, len(entries), errors)
+
+    def render():
+        result.to = to if errors else None
+        result.bytes_written = sum(e.nbytes for e in entries)
+        result.text = report_lines(model.report) + result.lines()
+
+    write_safetensors(dst, [(e.key, e.shape, e.dtype, e.load) for e in entries], meta, progress,
+                      before_commit=render)
     for name, err in errors.items():
         log.info("%s: FP4 group-32 → %s adds relative error %.3e", name, to, err)
-    return ConvertResult(str(dst), model.report, written, len(entries), errors, to if errors else None)
+    return result
+
+
+def _load_model(src, base, nibble_order, nvfp4_scale_layout) -> CanonicalModel:
+    """The model (overlaid on its base) in canonical form."""
+    return load_with_base(src, base, check=_not_a_lora, nibble_order=nibble_order,
+                          nvfp4_scale_layout=nvfp4_scale_layout)
+
+
+def _not_a_lora(model: CanonicalModel, path, role: str) -> None:
+    """A LoRA given where a model belongs is refused (its factors would otherwise be copied into
+    the output as unrecognised tensors)."""
+    example = lora_key_example(model.source.tensors if model.source is not None else model.entries)
+    if example:
+        raise WanquantError(f"{role} is a LoRA, not a model (merge it with `wanquant merge-lora MODEL LORA -o OUT`)",
+                            file=str(path), layer=example, expected="a model checkpoint", found="LoRA keys")

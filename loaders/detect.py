@@ -11,7 +11,6 @@ or a :class:`WanquantError` naming the layer and what was expected.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ import torch
 
 from ..errors import WanquantError
 from . import nibble_order
+from .header import load_json
 from .containers import TensorRef
 from .nvfp4_layout import BLOCKED, UNTAGGED_NVFP4, fitting_layouts
 
@@ -103,10 +103,10 @@ def check_scalar_scale(ref: TensorRef, file: str, layer: str, what: str = "scale
 
 
 def _comfy_quant_conf(ref: TensorRef, file: str, layer: str) -> dict:
-    try:
-        conf = json.loads(ref.load().numpy().tobytes())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise WanquantError("comfy_quant is not UTF-8 JSON", file=file, layer=layer, found=str(exc)) from exc
+    if ref.dtype not in (torch.uint8, torch.int8) or len(ref.shape) != 1:
+        raise WanquantError("comfy_quant must be a 1-D uint8 tensor of JSON bytes", file=file, layer=layer,
+                            expected="uint8 [n]", found=f"{ref.dtype} {list(ref.shape)}")
+    conf = load_json(ref.load().view(torch.uint8).numpy().tobytes(), file=file, what=f"{layer}.comfy_quant")
     if not isinstance(conf, dict) or "format" not in conf:
         raise WanquantError("comfy_quant JSON has no 'format'", file=file, layer=layer, found=repr(conf)[:200])
     return conf
@@ -116,12 +116,13 @@ def _header_quant_layers(metadata: dict[str, str], file: str) -> dict[str, dict]
     raw = metadata.get("_quantization_metadata")
     if not raw:
         return {}
+    meta = load_json(raw, file=file, what="header _quantization_metadata")
     try:
-        meta = json.loads(raw)
         layers = meta.get("layers", {})
-        assert isinstance(layers, dict)
+        if not isinstance(layers, dict):
+            raise TypeError("layers is not an object")
         return {str(k): dict(v) for k, v in layers.items()}
-    except (ValueError, AssertionError, TypeError, AttributeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:
         raise WanquantError("header _quantization_metadata is malformed", file=file,
                             expected='{"layers": {layer: {"format": ...}}}', found=raw[:200]) from exc
 
@@ -294,6 +295,9 @@ def _classify_comfy(module, weight, sides, others, conf, file, spelling=None) ->
         raise WanquantError("unknown quantization format", file=file, layer=module,
                             expected=" / ".join(COMFY_FORMATS), found=repr(fmt))
     spelling = spelling or "comfy_quant (ComfyUI native)"
+    if fmt in ("nvfp4", "mxfp8", "fp4_g32") and len(weight.shape) != 2:
+        raise WanquantError(f"{fmt} weight must be 2-D (block formats quantize [out, in] matrices)", file=file,
+                            layer=module, expected="[out, in] (packed)", found=f"{weight.dtype} {list(weight.shape)}")
     if fmt in FP8_DTYPES.values():
         if FP8_DTYPES.get(weight.dtype) != fmt:
             raise WanquantError("weight dtype does not match its comfy_quant format", file=file, layer=module,

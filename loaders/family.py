@@ -35,6 +35,13 @@ def _has(shapes, prefix: str) -> bool:
     return any(k == prefix or k.startswith(prefix + ".") for k in shapes)
 
 
+def _axis(shapes, key: str, axis: int):
+    """``shapes[key][axis]``, or None when the key is absent or has too few dimensions (a
+    malformed file reaches here before the layer checks that report it)."""
+    shape = tuple(shapes.get(key, ()))
+    return shape[axis] if -len(shape) <= axis < len(shape) else None
+
+
 def recognise(shapes: dict[str, tuple[int, ...]]) -> Family:
     """``shapes``: canonical key → shape."""
     blocks = sorted({int(m.group(1)) for k in shapes if (m := _BLOCK.match(k))})
@@ -42,13 +49,10 @@ def recognise(shapes: dict[str, tuple[int, ...]]) -> Family:
     if not wanish:
         return Family("non-wan", "not a Wan DiT (no Wan attention blocks or head); formats are still "
                                  "converted, but ComfyUI has no architecture to run it", None, len(blocks))
-    dim = None
-    if "head.modulation" in shapes:
-        dim = shapes["head.modulation"][-1]
-    elif "blocks.0.self_attn.q.weight" in shapes:
-        dim = shapes["blocks.0.self_attn.q.weight"][0]
-    in_dim = shapes.get("patch_embedding.weight", (None, None))[1] if "patch_embedding.weight" in shapes else None
-    out_dim = shapes["head.head.weight"][0] // 4 if "head.head.weight" in shapes else None
+    dim = _axis(shapes, "head.modulation", -1) or _axis(shapes, "blocks.0.self_attn.q.weight", 0)
+    in_dim = _axis(shapes, "patch_embedding.weight", 1)
+    out_dim = _axis(shapes, "head.head.weight", 0)
+    out_dim = out_dim // 4 if out_dim is not None else None
     size = f"-{SIZES[dim]}" if dim in SIZES else f" (dim {dim})"
 
     fam = Family("wan", "", dim, len(blocks))
@@ -81,7 +85,7 @@ def _extras(shapes, fam: Family) -> None:
     for k, shape in shapes.items():
         m = re.match(r"^(blocks\.\d+\.cam_encoder)\.weight$", k)
         if m:
-            (v4d if shape[-1] == 6 else recam if shape[-1] == 12 else v4d).append(m.group(1))
+            (v4d if shape[-1:] == (6,) else recam if shape[-1:] == (12,) else v4d).append(m.group(1))
     mods = sorted({k.rsplit(".", 1)[0] for k in shapes if k.startswith("latent_encoder.")
                    or re.match(r"^blocks\.\d+\.projector\.", k)})
     if v4d or mods:

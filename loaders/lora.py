@@ -225,6 +225,14 @@ def split_key(key: str) -> tuple[str, str, str]:
     return module, role, ""
 
 
+def lora_key_example(keys) -> str | None:
+    """The first key only a LoRA has (up/down/alpha/mid/DoRA suffixes), or None for a model."""
+    for k in keys:
+        if isinstance(k, str) and split_key(k)[1] in ("up", "down", "alpha", "mid", "dora_scale"):
+            return k
+    return None
+
+
 def underscore_to_native(name: str) -> str | None:
     """``blocks_0_self_attn_q`` → ``blocks.0.self_attn.q`` (Wan's own module names only)."""
     m = _US_BLOCK.match(name)
@@ -287,8 +295,12 @@ def parse_lora(sd: Mapping[str, torch.Tensor], *, file: str = "", metadata: dict
     unmatched: list[tuple[str, str]] = []
     parsed = []
     for key, t in sd.items():
+        if not isinstance(key, str):
+            raise WanquantError("LoRA key is not a string", file=file, layer=repr(key)[:100], found=type(key).__name__)
         if not isinstance(t, torch.Tensor):
             raise WanquantError("LoRA entry is not a tensor", file=file, layer=key, found=type(t).__name__)
+        if t.dtype in FP8_DTYPES:
+            t = t.to(torch.bfloat16)  # fp8-stored factors: exact in bf16, and torch does little math in fp8
         module, role, prefix = split_key(key)
         if role == "unsupported":
             unmatched.append((key, "unsupported adapter type (LoHa/LoKr/OFT/set_weight): use ComfyUI's LoRA loader"))
@@ -332,6 +344,15 @@ def parse_lora(sd: Mapping[str, torch.Tensor], *, file: str = "", metadata: dict
     return LoraFile(str(file), patches, unmatched, styles, dict(metadata or {}), num_keys=len(sd))
 
 
+#: fp8 dtypes a LoRA may store factors in (upcast exactly to bf16 on read)
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                   if hasattr(torch, n))
+#: |alpha / rank| beyond this is not a LoRA scale anyone trains with; it only overflows the merge
+MAX_LORA_SCALE = 1e4
+#: ComfyUI's LoraLoader allows strengths in [-100, 100]
+MAX_STRENGTH = 100.0
+
+
 def _check_finite(key: str, t: torch.Tensor, file: str) -> None:
     if not t.is_floating_point():
         raise WanquantError("LoRA tensor is not floating point", file=file, layer=key, found=str(t.dtype))
@@ -355,6 +376,10 @@ def _module_patches(module: str, roles: dict[str, tuple[str, torch.Tensor]], fil
         if t.numel() != 1:
             raise WanquantError("LoRA alpha must be a scalar", file=file, layer=key, found=str(tuple(t.shape)))
         alpha = float(t.reshape(()).float())
+        rank_hint = roles["down"][1].shape[0] if "down" in roles and roles["down"][1].ndim else 1
+        if not math.isfinite(alpha) or abs(alpha) / max(int(rank_hint), 1) > MAX_LORA_SCALE:
+            raise WanquantError("LoRA alpha is out of range", file=file, layer=key,
+                                expected=f"|alpha / rank| <= {MAX_LORA_SCALE:g}", found=f"alpha {alpha:g}")
     out: list[LoraPatch] = []
     has_up, has_down = "up" in roles, "down" in roles
     rank = None
@@ -403,6 +428,10 @@ def match_lora(lora: LoraFile, model_shapes: Mapping[str, tuple[int, ...]], *, s
     for another variant); a target whose shape does not fit refuses the whole LoRA with an error
     naming the key, so nothing is half-applied; a LoRA that matches nothing is refused too unless
     ``allow_empty``."""
+    if not isinstance(strength, (int, float)) or not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
+        raise WanquantError("LoRA strength is out of range", file=lora.path,
+                            expected=f"a finite number within ±{MAX_STRENGTH:g} (ComfyUI's LoRA loader range)",
+                            found=repr(strength))
     shapes = dict(model_shapes)
     us_names = None
     patches: list[LoraPatch] = []

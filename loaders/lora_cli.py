@@ -9,9 +9,9 @@ from __future__ import annotations
 from .progress import tqdm_progress
 
 
-def register(subparsers) -> None:
+def register(subparsers, parents=()) -> None:
     p = subparsers.add_parser(
-        "merge-lora",
+        "merge-lora", parents=list(parents),
         help="merge LoRAs into a (quantized) model and write ComfyUI's native format",
         description="Dequantize each patched layer, add every LoRA at once, requantize with a fresh scale and "
                     "seeded stochastic rounding (ComfyUI's seeds). Streams: memory is the LoRAs plus one layer.")
@@ -40,6 +40,6 @@ def cmd_merge_lora(args) -> int:
                                  nibble_order=None if args.nibble_order == "auto" else args.nibble_order)
     finally:
         close()
-    for line in result.lines():
+    for line in result.text:
         print(line)
     return 0

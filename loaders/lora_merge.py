@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -26,8 +27,8 @@ import torch
 from ..errors import WanquantError
 from ..ops.formats import comfy_quant_tensor, get_format
 from .canonical import CanonicalModel, Entry, load_canonical
-from .lora import LoraMatch, LoraPatch, match_lora, read_lora
-from .writer import write_safetensors
+from .lora import LoraMatch, LoraPatch, lora_key_example, match_lora, read_lora
+from .writer import check_destination, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,15 @@ def _finite_or_raise(t: torch.Tensor, key: str, what: str) -> None:
     if not bool(torch.isfinite(t).all()):
         raise WanquantError(f"{what} is not finite after adding the LoRA (strength too large?)", layer=key,
                             found=f"{int((~torch.isfinite(t)).sum())} NaN/Inf values")
+
+
+def _norm(x: torch.Tensor) -> float:
+    """L2 norm accumulated in float64 in chunks: fp32 ``norm()`` overflows to inf for large but finite
+    weights (and turns the report into NaN), and a whole-layer fp64 copy would double peak memory."""
+    acc = 0.0
+    for chunk in x.reshape(-1).split(1 << 22):
+        acc += float(torch.linalg.vector_norm(chunk, dtype=torch.float64)) ** 2
+    return math.sqrt(acc)
 
 
 def merge_quantized(fmt_name: str, tensors: dict[str, torch.Tensor], conf: dict, delta: torch.Tensor, *,
@@ -257,9 +267,9 @@ def _layer_entries(model: CanonicalModel, layer, items: list[Applied], shape: tu
         del tensors
         patched = bool(items)
         if patched:  # keep only norms of the inputs: one layer-sized fp32 buffer less at the peak
-            w_norm = float(w.norm()) if measure else 0.0
+            w_norm = _norm(w) if measure else 0.0
             delta = total_delta(items, shape)
-            d_norm = float(delta.norm()) if measure else 0.0
+            d_norm = _norm(delta) if measure else 0.0
             merged = w.add_(delta)
             del delta
         else:
@@ -280,11 +290,14 @@ def _layer_entries(model: CanonicalModel, layer, items: list[Applied], shape: tu
                 new["comfy_quant"] = comfy_quant_tensor(conf)
             got = fmt.dequantize(new, torch.float32, conf) if measure else None
         if measure:
-            ref_norm = max(float(merged.norm()), 1e-30)
+            ref_norm = max(_norm(merged), 1e-30)
             if patched:
                 stats.delta_rel[name] = d_norm / max(w_norm, 1e-30)
-            stats.requant_rel[name] = float(got.sub_(merged).norm()) / ref_norm
+            stats.requant_rel[name] = _norm(got.sub_(merged)) / ref_norm
             del got
+            if not math.isfinite(stats.requant_rel[name]):
+                raise WanquantError("requantized layer is not finite (LoRA too strong for this format?)", layer=key,
+                                    found=f"relative error {stats.requant_rel[name]}")
             if not same:
                 stats.reencoded[name] = target
         state["cache"] = new
@@ -314,6 +327,7 @@ class MergeResult:
     bytes_written: int
     matches: list[LoraMatch]
     stats: MergeStats
+    text: list[str] = field(default_factory=list)  # lines(), rendered before DST was replaced
 
     def lines(self) -> list[str]:
         out = [m.text() for m in self.matches]
@@ -323,13 +337,17 @@ class MergeResult:
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:
-    """``path[:strength]``; a trailing ``:number`` is the strength (paths with ':' elsewhere still work)."""
+    """``path[:strength]``; a trailing ``:number`` is the strength (paths with ':' elsewhere still work).
+    ``lora.safetensors:abc`` (an existing file and a tail that is not a number) is a bad strength,
+    not a missing file."""
     head, sep, tail = arg.rpartition(":")
     if sep and head:
         try:
             return head, float(tail)
         except ValueError:
-            pass
+            if os.path.exists(head) and not os.path.exists(arg):
+                raise WanquantError("LoRA strength is not a number", file=head, expected="LORA[:STRENGTH], "
+                                    "e.g. lora.safetensors:0.8", found=repr(tail)) from None
     return arg, 1.0
 
 
@@ -340,6 +358,7 @@ def merge_lora_file(model_path, loras: Sequence[tuple[str, float]], dst, *, stoc
 
     Every LoRA is read and checked against the model before anything is written; the output
     appears (atomically) only when every layer merged cleanly. Memory: the LoRAs plus one layer."""
+    check_destination(dst)
     with load_canonical(model_path, nibble_order=nibble_order) as model:
         return _merge(model, model_path, loras, dst, stochastic, allow_unmatched, progress, fp4_to)
 
@@ -348,13 +367,17 @@ def _merge(model: CanonicalModel, model_path, loras, dst, stochastic, allow_unma
            fp4_to) -> MergeResult:
     if model.report.errors:
         raise WanquantError(model.report.errors[0], file=str(model_path))
+    example = lora_key_example(model.source.tensors if model.source is not None else model.entries)
+    if example:
+        raise WanquantError("MODEL is a LoRA, not a model (give the model first, then the LoRAs)",
+                            file=str(model_path), layer=example, expected="a model checkpoint", found="LoRA keys")
     shapes = canonical_shapes(model)
     matches = []
     for path, strength in loras:
         lf = read_lora(path)
         m = match_lora(lf, shapes, strength=strength, mode="merge")
         if m.unmatched and not allow_unmatched:
-            raise WanquantError(f"{len(m.unmatched)} LoRA keys do not match the model (use --allow-unmatched)",
+            raise WanquantError(f"{len(m.unmatched)} LoRA keys do not match the model (drop --strict to merge the matching keys anyway)",
                                 file=str(path), layer=m.unmatched[0][0], found=m.unmatched[0][1])
         matches.append(m)
     stats = MergeStats()
@@ -364,5 +387,11 @@ def _merge(model: CanonicalModel, model_path, loras, dst, stochastic, allow_unma
     meta["wanquant"] = json.dumps({"source": str(model_path), "variant": model.report.variant,
                                    "merged_loras": [{"path": str(p), "strength": s} for p, s in loras],
                                    "rounding": "stochastic" if stochastic else "nearest"})
-    written = write_safetensors(dst, [(e.key, e.shape, e.dtype, e.load) for e in entries], meta, progress)
-    return MergeResult(str(dst), len(entries), written, matches, stats)
+    result = MergeResult(str(dst), len(entries), sum(e.nbytes for e in entries), matches, stats)
+
+    def render():  # before DST is replaced: a report that cannot be built leaves DST untouched
+        result.text = result.lines()
+
+    write_safetensors(dst, [(e.key, e.shape, e.dtype, e.load) for e in entries], meta, progress,
+                      before_commit=render)
+    return result

@@ -23,20 +23,43 @@ MODEL_FOLDER = "diffusion_models"
 SHARD_HINT = "-of-"
 
 
+def _walk_each_folder_once(root: str):
+    """``os.walk`` following folder links (users link model folders in), but visiting each real
+    folder once: two links to ``.`` otherwise make the walk explode (200k folders in 32 s)."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, files in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        yield dirpath, files
+
+
 def model_choices() -> list[str]:
-    """Model files plus sharded indexes found in diffusion_models (and unet), shards hidden."""
-    names = set()
+    """Model files plus sharded indexes found in diffusion_models (and unet), shards hidden.
+
+    Our own walk (not ``folder_paths.get_filename_list``, which follows folder links without a
+    loop guard), listing what ComfyUI would: files with the folder's extensions, relative names."""
+    exts = {e.lower() for e in folder_paths.folder_names_and_paths.get(MODEL_FOLDER, ([], set()))[1]}
+    names, files_found = set(), set()
     index_dirs = set()
     for root in folder_paths.get_folder_paths(MODEL_FOLDER):
         if not os.path.isdir(root):
             continue
-        for dirpath, _, files in os.walk(root, followlinks=True):
+        for dirpath, files in _walk_each_folder_once(root):
             for f in files:
+                rel = os.path.relpath(os.path.join(dirpath, f), root)
                 if f.endswith(".index.json"):
-                    rel = os.path.relpath(os.path.join(dirpath, f), root)
                     names.add(rel.replace(os.sep, "/"))
                     index_dirs.add(os.path.relpath(dirpath, root))
-    for name in folder_paths.get_filename_list(MODEL_FOLDER):
+                elif not exts or os.path.splitext(f)[1].lower() in exts:
+                    files_found.add(rel)
+    for name in files_found:
         d = os.path.dirname(name) or "."
         if SHARD_HINT in name and d in index_dirs:
             continue  # offered through its index
@@ -196,6 +219,9 @@ class WanQuantRemap(io.ComfyNode):
                 io.String.Input("save_as", default="",
                                 tooltip="File name to write into models/diffusion_models (e.g. vista4d_full_fp8). "
                                         "Empty: do not save, only output the model."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace an existing file of the save_as name. Off: an existing model is "
+                                         "never replaced (a shared workflow cannot overwrite yours)."),
                 io.Combo.Input("fp4_target", options=["float8_e4m3fn", "bf16", "nvfp4"], default="float8_e4m3fn",
                                tooltip="What FP4 group-32 layers become in the saved file (stock ComfyUI cannot read FP4 group-32)."),
                 io.Combo.Input("op_policy", options=bridge.policy_options(), default="auto", tooltip=_policy_tooltip()),
@@ -205,11 +231,13 @@ class WanQuantRemap(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, model_name, base_name=NONE, save_as="", fp4_target="float8_e4m3fn", op_policy="auto"):
-        return _fingerprint((model_name, base_name), save_as, fp4_target, op_policy)
+    def fingerprint_inputs(cls, model_name, base_name=NONE, save_as="", overwrite=False, fp4_target="float8_e4m3fn",
+                           op_policy="auto"):
+        return _fingerprint((model_name, base_name), save_as, overwrite, fp4_target, op_policy)
 
     @classmethod
-    def execute(cls, model_name, base_name=NONE, save_as="", fp4_target="float8_e4m3fn", op_policy="auto"):
+    def execute(cls, model_name, base_name=NONE, save_as="", overwrite=False, fp4_target="float8_e4m3fn",
+                op_policy="auto"):
         from ..loaders.convert import convert
 
         path = resolve(model_name)
@@ -221,8 +249,9 @@ class WanQuantRemap(io.ComfyNode):
                 name += ".safetensors"
             roots = folder_paths.get_folder_paths(MODEL_FOLDER)
             root = next((r for r in roots if os.path.basename(r.rstrip("/\\")) == MODEL_FOLDER), roots[0])
+            os.makedirs(root, exist_ok=True)  # ComfyUI's own models folder, not a user-typed path
             dst = os.path.join(root, name)
-            res = convert(path, dst, base=base, to=fp4_target, progress=_progress_cb())
+            res = convert(path, dst, base=base, to=fp4_target, progress=_progress_cb(), overwrite=overwrite)
             lines += res.lines()
         result = bridge.load_wan_model(path, base, op_policy, "auto", "auto", progress=_progress_cb())
         text = "\n".join(result.report_lines + lines)

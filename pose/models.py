@@ -3,7 +3,7 @@
 Wan's detector and the ViTPose wholebody exports are large public files with known hashes
 (POSE.md §2). They are looked up under their canonical flat names in every ``detection``
 folder first (the names kijai's users already have, so nothing is downloaded twice), verified
-once by sha256 (cached in a ``<file>.sha256`` sidecar keyed by size and mtime), and otherwise
+once by sha256 (cached, see :func:`cached_sha256`), and otherwise
 downloaded with ``huggingface_hub`` straight into that folder. A corrupt download is deleted
 and reported with both hashes; it is never used. Offline, the error says which file to put where.
 """
@@ -128,31 +128,57 @@ def sha256_file(path: Path, chunk: int = CHUNK) -> str:
     return h.hexdigest()
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+def hash_cache_file() -> Path:
+    """Where verified hashes are remembered: the user's cache folder, never the models folder.
+
+    A cache beside the model (the old ``<file>.sha256`` sidecar) can be planted together with a
+    wrong file of the right size; this one is only written by wanquant after hashing."""
+    root = os.environ.get("WANQUANT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "wanquant")
+    return Path(root) / "sha256-cache.json"
+
+
+def _identity(st: os.stat_result) -> dict:
+    """What must be unchanged for a remembered hash to still describe the file. ``ctime`` is set by
+    the kernel on every write, rename or ``utime`` and cannot be set back by a user, so rewriting
+    the file in place with the same size and a restored mtime still invalidates the entry."""
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns}
+
+
+def _read_cache(cache: Path) -> dict:
+    try:
+        data = json.loads(cache.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
 
 
 def cached_sha256(path: Path) -> str:
-    """sha256 of ``path``, hashed once and then remembered while size and mtime are unchanged."""
-    st = path.stat()
-    side = _sidecar(path)
-    try:
-        rec = json.loads(side.read_text())
-        if rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns and rec.get("sha256"):
-            return rec["sha256"]
-    except (OSError, ValueError):
-        pass
+    """sha256 of ``path``, hashed once and then remembered (by real path) while the file's
+    identity (device, inode, size, mtime, ctime) is unchanged."""
+    key = os.path.realpath(path)
+    rec = _read_cache(hash_cache_file()).get(key)
+    if isinstance(rec, dict) and rec.get("id") == _identity(os.stat(key)) and isinstance(rec.get("sha256"), str):
+        return rec["sha256"]
     digest = sha256_file(path)
-    _write_sidecar(path, digest)
+    _remember(path, digest)
     return digest
 
 
-def _write_sidecar(path: Path, digest: str) -> None:
-    st = path.stat()
+def _remember(path: Path, digest: str) -> None:
+    """Record ``digest`` for ``path`` (atomically; a cache that cannot be written costs a re-hash)."""
+    cache = hash_cache_file()
+    key = os.path.realpath(path)
     try:
-        _sidecar(path).write_text(json.dumps({"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
-    except OSError as exc:  # a read-only model folder only costs a re-hash next time
-        log.debug("could not write %s: %s", _sidecar(path), exc)
+        entries = _read_cache(cache)
+        entries[key] = {"id": _identity(os.stat(key)), "sha256": digest}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries))
+        os.replace(tmp, cache)
+    except OSError as exc:
+        log.debug("could not write %s: %s", cache, exc)
 
 
 def verify_file(path: Path, mf: ModelFile, verify_hash: bool = True) -> None:
@@ -264,7 +290,7 @@ def download_file(mf: ModelFile, folder: Path, progress: Callable[[int, int], No
                             file=dest, expected=f"sha256 {mf.sha256}, {mf.size:,} bytes",
                             found=f"sha256 {digest}, {size:,} bytes")
     os.replace(got, dest)
-    _write_sidecar(dest, digest)
+    _remember(dest, digest)
     log.info("downloaded and verified %s", dest)
     return dest
 

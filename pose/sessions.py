@@ -62,8 +62,10 @@ def import_ort():
     try:
         import onnxruntime as ort
     except ImportError as exc:
-        raise WanquantError("onnxruntime is not installed: pip install onnxruntime-gpu (NVIDIA) or "
-                            "onnxruntime (CPU)", expected="an importable onnxruntime") from exc
+        from ..install import install_command
+
+        raise WanquantError(f"onnxruntime is not installed (the pose nodes need it); install it with: "
+                            f"{install_command()}", expected="an importable onnxruntime") from exc
     return ort
 
 

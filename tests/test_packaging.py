@@ -69,6 +69,18 @@ def test_project_fields(pyproject):
     assert accel and all(v in REGISTRY_ACCEL for v in accel)
 
 
+def test_license_is_pep639(pyproject):
+    """setuptools deprecates the license table and License :: classifiers (removal 2027-02-18):
+    an SPDX expression, license-files that exist, and a setuptools new enough to read them."""
+    project = pyproject["project"]
+    assert project["license"] == "Apache-2.0"
+    assert not [c for c in project["classifiers"] if c.startswith("License ::")]
+    files = [p for pattern in project["license-files"] for p in REPO.glob(pattern)]
+    assert files and "Apache License" in files[0].read_text()
+    req = next(Requirement(r) for r in pyproject["build-system"]["requires"] if r.startswith("setuptools"))
+    assert req.specifier.contains("77") and not req.specifier.contains("76.9")
+
+
 def test_pip_install_mapping_and_entry_points(pyproject):
     st = pyproject["tool"]["setuptools"]
     assert st["package-dir"] == {"wanquant": "."}
@@ -115,13 +127,16 @@ def test_requirements_install_without_resolving_torch():
 
 # ------------------------------------------------------------------ onnxruntime handling
 
-@pytest.fixture()
-def prestart():
-    # this name makes the module skip its on-import check (ComfyUI imports it under another name)
-    spec = importlib.util.spec_from_file_location("wanquant.prestartup_script", REPO / "prestartup_script.py")
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture()
+def installer():
+    return _load(REPO / "install.py", "wanquant_install_under_test")  # not __main__: installs nothing
 
 
 @pytest.mark.parametrize("present,torch_ver,platform,want", [
@@ -133,50 +148,77 @@ def prestart():
     (["onnxruntime-gpu"], "2.9.0+cu130", "linux", ("ok", "onnxruntime-gpu")),
     (["onnxruntime"], "2.9.0+cu130", "linux", ("ok", "onnxruntime")),
 ])
-def test_onnxruntime_plan(prestart, present, torch_ver, platform, want):
-    assert prestart.plan(present, torch_ver, platform) == want
+def test_onnxruntime_plan(installer, present, torch_ver, platform, want):
+    assert installer.plan(present, torch_ver, platform) == want
 
 
-def test_both_onnxruntimes_is_reported_with_the_fix(prestart):
-    action, fix = prestart.plan(["onnxruntime", "onnxruntime-gpu"], "2.9.0+cu130", "linux")
+def test_both_onnxruntimes_is_reported_with_the_fix(installer):
+    action, fix = installer.plan(["onnxruntime", "onnxruntime-gpu"], "2.9.0+cu130", "linux")
     assert action == "conflict"
     assert fix == "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
 
 
-def test_ensure_installs_one_wheel_and_nothing_else(prestart, monkeypatch, tmp_path):
+def test_install_py_installs_one_wheel_and_nothing_else(installer, monkeypatch):
     calls = []
-    monkeypatch.setattr(prestart, "FAILED_MARKER", str(tmp_path / "marker"))
-    monkeypatch.setattr(prestart, "installed", lambda *a: [])
-    monkeypatch.setattr(prestart, "torch_version", lambda: "2.9.0+cu130")
-    monkeypatch.setattr(prestart.sys, "platform", "linux")
-    monkeypatch.delenv("WANQUANT_NO_ORT_INSTALL", raising=False)
+    monkeypatch.setattr(installer, "installed", lambda *a: [])
+    monkeypatch.setattr(installer, "torch_version", lambda: "2.9.0+cu130")
+    monkeypatch.setattr(installer.sys, "platform", "linux")
     run = lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", "")  # noqa: E731
-    marker = str(tmp_path / "marker")
-    assert prestart.ensure_onnxruntime(run=run, marker=marker) == "install"
-    assert calls == [[sys.executable, "-m", "pip", "install", *prestart.PIP_QUICK, "onnxruntime-gpu"]]
-    monkeypatch.setenv("WANQUANT_NO_ORT_INSTALL", "1")
-    calls.clear()
-    assert prestart.ensure_onnxruntime(run=run, marker=marker) == "skipped" and calls == []
+    assert installer.ensure_onnxruntime(run=run) == "install"
+    assert calls == [[sys.executable, "-m", "pip", "install", "onnxruntime-gpu"]]
 
 
-def test_failed_install_is_not_retried_on_every_start(prestart, monkeypatch, tmp_path):
-    monkeypatch.setattr(prestart, "installed", lambda *a: [])
-    monkeypatch.setattr(prestart, "torch_version", lambda: "2.13.0+cpu")
-    monkeypatch.delenv("WANQUANT_NO_ORT_INSTALL", raising=False)
-    calls = []
-    offline = lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 1, "", "no network")  # noqa: E731
-    marker = tmp_path / "marker"
-    assert prestart.ensure_onnxruntime(run=offline, marker=str(marker)) == "failed"
-    assert marker.exists() and len(calls) == 1
-    assert prestart.ensure_onnxruntime(run=offline, marker=str(marker)) == "skipped" and len(calls) == 1
+def test_install_py_failure_names_the_command(installer, monkeypatch, caplog):
+    monkeypatch.setattr(installer, "installed", lambda *a: [])
+    monkeypatch.setattr(installer, "torch_version", lambda: "2.13.0+cpu")
+    offline = lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "no network")  # noqa: E731
+    with caplog.at_level("WARNING"):
+        assert installer.ensure_onnxruntime(run=offline) == "failed"
+    assert f'"{sys.executable}" -m pip install onnxruntime' in caplog.text and "no network" in caplog.text
 
 
-def test_ensure_changes_nothing_on_conflict(prestart, monkeypatch, caplog):
-    monkeypatch.setattr(prestart, "installed", lambda *a: ["onnxruntime", "onnxruntime-gpu"])
+def test_install_py_changes_nothing_on_conflict(installer, monkeypatch, caplog):
+    monkeypatch.setattr(installer, "installed", lambda *a: ["onnxruntime", "onnxruntime-gpu"])
     run = lambda *a, **k: pytest.fail("must not run pip on a conflict")  # noqa: E731
     with caplog.at_level("WARNING"):
-        assert prestart.ensure_onnxruntime(run=run) == "conflict"
+        assert installer.ensure_onnxruntime(run=run) == "conflict"
     assert "pip uninstall -y onnxruntime onnxruntime-gpu" in caplog.text
+
+
+def test_prestartup_only_logs(tmp_path):
+    """ComfyUI's start must never run pip: run prestartup_script.py as ComfyUI does (its own module
+    name) in a Python where no onnxruntime is importable as a distribution, with subprocess
+    creation made to fail loudly; it must log the command and return."""
+    code = f"""
+import importlib.metadata, logging, subprocess, sys
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+real = importlib.metadata.version
+def version(name):
+    if name.startswith("onnxruntime"):
+        raise importlib.metadata.PackageNotFoundError(name)
+    return real(name)
+importlib.metadata.version = version
+def no_pip(*a, **k):
+    raise SystemExit("prestartup ran a subprocess: " + repr(a))
+subprocess.run = subprocess.Popen = subprocess.call = subprocess.check_call = no_pip
+spec = importlib.util.spec_from_file_location("custom_nodes.wanquant.prestartup_script", {str(REPO / "prestartup_script.py")!r})
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "onnxruntime is not installed" in r.stderr and "-m pip install onnxruntime" in r.stderr
+    assert "subprocess" not in (REPO / "prestartup_script.py").read_text()
+
+
+def test_pose_loader_error_names_the_install_command(monkeypatch):
+    from wanquant.errors import WanquantError
+    from wanquant.pose import sessions
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    with pytest.raises(WanquantError) as e:
+        sessions.import_ort()
+    assert f'"{sys.executable}" -m pip install onnxruntime' in str(e.value)
 
 
 # ------------------------------------------------------------------ ComfyUI's own parser

@@ -52,7 +52,7 @@ def parse_comfy_quant(t) -> dict:
         raw = str(t).encode("utf-8")
     try:
         conf = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, huge ints
         raise WanquantError("comfy_quant is not valid UTF-8 JSON", expected='{"format": ...}',
                             found=repr(raw[:60])) from exc
     if not isinstance(conf, dict) or "format" not in conf:

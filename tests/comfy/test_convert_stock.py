@@ -23,6 +23,7 @@ def test_stock_comfyui_loads_converted_file(comfy_inprocess, tmp_path, kind):
 
     path, base, ref = build_seed(kind, tmp_path / "src")
     dst = tmp_path / "out" / f"{kind}.safetensors"
+    dst.parent.mkdir(exist_ok=True)
     res = convert(path, dst, base=base, to="float8_e4m3fn")
     with torch.inference_mode():
         stock = comfy.sd.load_diffusion_model(str(dst))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -82,6 +83,26 @@ def test_worldstereo_controlnet_branch_listed(comfy_inprocess, tmp_path):
 
 
 # ---------------------------------------------------------------- server
+
+def test_model_list_survives_folder_link_loops(comfy_inprocess, tmp_path, monkeypatch):
+    import folder_paths
+    from wanquant.nodes import loader_nodes
+
+    root = tmp_path / "diffusion_models"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "model.safetensors.index.json").write_text("{}")
+    (root / "sub" / "other.safetensors").write_bytes(b"")
+    for name in ("a", "b", "c"):  # three links back to the root: an unguarded walk grows as 3^depth
+        os.symlink(root, root / "sub" / name)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(root)], {".safetensors"}))
+    seen = []
+    for dirpath, files in loader_nodes._walk_each_folder_once(str(root)):
+        seen.append(dirpath)
+    assert len(seen) == 2  # root and sub, each once
+    t0 = time.perf_counter()
+    assert loader_nodes.model_choices() == ["sub/model.safetensors.index.json", "sub/other.safetensors"]
+    assert time.perf_counter() - t0 < 5
+
 
 def test_pack_imports_and_lists_nodes(comfy_server):
     log = comfy_server.log()
@@ -162,12 +183,20 @@ def test_inspect_and_remap_nodes(comfy_server, tmp_path):
     text = hist["outputs"]["1"]["text"][0]
     assert "partial checkpoint" in text and "vista4d" in text
     out_name = "remapped_vista4d_full"
-    prompt = {"1": {"class_type": "WanQuantRemap", "inputs": {"model_name": rel(idx), "base_name": rel(base),
-                                                              "save_as": out_name, "fp4_target": "float8_e4m3fn",
-                                                              "op_policy": "auto"}}}
-    hist = comfy_server.run_prompt(prompt)
-    assert hist["status"]["status_str"] == "success", json.dumps(hist["status"])[:2000]
     saved = models / f"{out_name}.safetensors"
+    saved.write_bytes(b"the user's own model")  # an existing file of that name is never replaced silently
+
+    def remap(overwrite):
+        return comfy_server.run_prompt({"1": {"class_type": "WanQuantRemap", "inputs": {
+            "model_name": rel(idx), "base_name": rel(base), "save_as": out_name, "overwrite": overwrite,
+            "fp4_target": "float8_e4m3fn", "op_policy": "auto"}}})
+    hist = remap(False)
+    assert hist["status"]["status_str"] == "error"
+    err = [m for m in hist["status"]["messages"] if m[0] == "execution_error"][0][1]
+    assert "already exists" in err["exception_message"] and "overwrite" in err["exception_message"]
+    assert saved.read_bytes() == b"the user's own model"
+    hist = remap(True)
+    assert hist["status"]["status_str"] == "success", json.dumps(hist["status"])[:2000]
     assert saved.is_file()
     from wanquant.loaders.canonical import load_canonical
     rep = load_canonical(saved).report

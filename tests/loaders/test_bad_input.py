@@ -189,7 +189,8 @@ def test_convert_writes_nothing_on_failure(tmp_path):
         q["blocks.1.ffn.2.scale_weight"] = torch.tensor(0.0)
     src = _fp8_file(tmp_path, mutate)
     dst = tmp_path / "out" / "dst.safetensors"
-    with pytest.raises(WanquantError):
+    dst.parent.mkdir()
+    with pytest.raises(WanquantError, match="blocks.1.ffn.2"):
         convert(src, dst)
     assert not dst.exists()
     # a failure mid-write (the source disappears after planning) leaves no partial file either
@@ -198,7 +199,7 @@ def test_convert_writes_nothing_on_failure(tmp_path):
 
     def boom():
         raise WanquantError("simulated read failure", layer="x")
-    with pytest.raises(WanquantError):
+    with pytest.raises(WanquantError, match="simulated"):
         writer.write_safetensors(dst, [("a", (2,), torch.float32, lambda: torch.zeros(2)),
                                        ("b", (2,), torch.float32, boom)])
     assert not dst.exists() and not [f for f in dst.parent.iterdir() if f.name.startswith(".wanquant")]

@@ -119,6 +119,7 @@ def test_overlay_drops_stale_side_tensors_when_formats_differ(tmp_path):
 def test_convert_overlay_writes_native_file(tmp_path):
     idx, base, _ = _partial_vista4d(tmp_path)
     dst = tmp_path / "out" / "vista4d_full.safetensors"
+    dst.parent.mkdir()
     res = convert(idx, dst, base=base)
     header, meta, _ = read_safetensors_header(dst)
     assert "blocks.0.self_attn.q.comfy_quant" in header and "scaled_fp8" not in header

@@ -3,6 +3,7 @@ offline errors, external-data layouts and the folder/combos rules (POSE.md §2, 
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,23 +100,50 @@ def test_existing_file_with_wrong_content_is_an_error_not_used(tmp_path, monkeyp
         models.ensure_model(spec_for(good), [tmp_path])
 
 
-def test_hash_is_cached_by_size_and_mtime(tmp_path):
+def test_hash_is_cached_and_invalidated_by_any_change(tmp_path):
     content = b"abc" * 100
     f = tmp_path / "tiny.onnx"
     f.write_bytes(content)
     spec = spec_for(content)
     models.verify_file(f, spec.files[0])
-    side = tmp_path / "tiny.onnx.sha256"
-    assert side.is_file()
-    # Same size and mtime: the sidecar is trusted (proved by planting a wrong hash in it).
-    rec = side.read_text().replace(spec.files[0].sha256, "0" * 64)
-    side.write_text(rec)
+    cache = models.hash_cache_file()
+    assert cache.is_file() and not (tmp_path / "tiny.onnx.sha256").exists()  # nothing beside the model
+    # The cache is used (proved by corrupting the remembered hash in wanquant's own cache file).
+    cache.write_text(cache.read_text().replace(spec.files[0].sha256, "0" * 64))
     with pytest.raises(WanquantError, match="sha256 mismatch"):
         models.verify_file(f, spec.files[0])
-    # Touching the file invalidates the cache: it is hashed again and passes.
+    # Touching the file invalidates the entry: it is hashed again and passes.
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     models.verify_file(f, spec.files[0])
+
+
+def test_planted_sidecar_beside_a_wrong_file_does_not_pass(tmp_path):
+    good = b"the real model " * 20
+    wrong = b"x" * len(good)  # right size, wrong content
+    spec = spec_for(good)
+    f = tmp_path / "tiny.onnx"
+    f.write_bytes(wrong)
+    st = f.stat()
+    (tmp_path / "tiny.onnx.sha256").write_text(
+        '{"sha256": "%s", "size": %d, "mtime_ns": %d}' % (spec.files[0].sha256, st.st_size, st.st_mtime_ns))
+    with pytest.raises(WanquantError, match="sha256 mismatch"):
+        models.verify_file(f, spec.files[0], verify_hash=True)
+
+
+def test_rewrite_in_place_with_restored_mtime_is_rehashed(tmp_path):
+    good = b"the real model " * 20
+    spec = spec_for(good)
+    f = tmp_path / "tiny.onnx"
+    f.write_bytes(good)
+    models.verify_file(f, spec.files[0])  # remembered as good
+    st = f.stat()
+    time.sleep(0.05)  # file times tick with the kernel's coarse clock (a few ms)
+    with open(f, "r+b") as fh:  # same inode, same size
+        fh.write(b"X")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back; ctime cannot be
+    with pytest.raises(WanquantError, match="sha256 mismatch"):
+        models.verify_file(f, spec.files[0])
 
 
 def test_offline_gives_repo_file_url_and_destination(tmp_path, monkeypatch):
