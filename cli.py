@@ -67,9 +67,9 @@ def cmd_demo(_args) -> int:
 
     with tempfile.TemporaryDirectory(prefix="wanquant-demo-") as tmp:
         src = demo_checkpoint(tmp)
-        print(f"No checkpoint given: built a tiny Wan-shaped example at {src}\n"
-              f"(WorldStereo-style: kijai scaled fp8, diffusers keys, bf16 scales, 'scaled_fp8' marker).\n"
-              f"Try `wanquant inspect YOUR_FILE` or `wanquant --help`.\n")
+        print(f"No checkpoint given: built a tiny Wan-shaped example in a temporary folder, {tmp}\n"
+              f"(WorldStereo-style: kijai scaled fp8, diffusers keys, bf16 scales, 'scaled_fp8' marker;\n"
+              f"the folder is deleted when this demo ends). Try `wanquant inspect YOUR_FILE` or `wanquant --help`.\n")
         print(f"$ wanquant inspect {Path(src).name}")
         with load_canonical(src) as model:
             print(format_report(model.report))
@@ -93,12 +93,13 @@ def _verbose_parent() -> argparse.ArgumentParser:
 
 
 def _convert_args(pc: argparse.ArgumentParser) -> None:
-    pc.add_argument("src")
+    pc.add_argument("src", help="the checkpoint to convert: a .safetensors/.pth file, a *.index.json or a model folder")
     pc.add_argument("dst", help="output .safetensors (written to a temp file, renamed when complete); "
                                 "its folder must exist")
     pc.add_argument("--base", help="base model to overlay a partial finetune on (e.g. Vista4D on Wan2.1-T2V-14B)")
-    pc.add_argument("--to", choices=["bf16", "float8_e4m3fn", "nvfp4"], default="float8_e4m3fn",
-                    help="target for FP4 group-32 layers, which stock ComfyUI cannot load (default float8_e4m3fn)")
+    pc.add_argument("--to", "--fp4-to", dest="to", choices=["bf16", "float8_e4m3fn", "nvfp4"], default="float8_e4m3fn",
+                    help="target for FP4 group-32 layers, which stock ComfyUI cannot load (default float8_e4m3fn; "
+                         "--fp4-to is the same option, as merge-lora spells it)")
     pc.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto",
                     help="FP4 group-32 packing (as for inspect)")
     pc.add_argument("--nvfp4-scale-layout", choices=["auto", "blocked", "row_major"], default="auto",
@@ -106,8 +107,12 @@ def _convert_args(pc: argparse.ArgumentParser) -> None:
     pc.set_defaults(func=cmd_convert)
 
 
+DESCRIPTION = ("Inspect, convert (remap) and LoRA-merge quantized Wan video DiT checkpoints. "
+               "Run with no command for a demo on a tiny built-in example.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wanquant", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="wanquant", description=DESCRIPTION)
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = p.add_subparsers(dest="command")
     verbose = [_verbose_parent()]
@@ -135,11 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_extra_commands(sub, parents) -> None:
-    """Commands contributed by other modules (e.g. merge-lora)."""
-    try:
-        from .loaders import lora_cli
-    except ImportError:
-        return
+    """Commands contributed by other modules (merge-lora); an import error there is a bug to see."""
+    from .loaders import lora_cli
+
     lora_cli.register(sub, parents)
 
 

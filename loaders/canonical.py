@@ -290,7 +290,7 @@ def canonical_from_source(src: Source, *, nibble_order: str | None = None, nvfp4
     det = detect_layers(tensors, file, header_conf=header_conf, collect_errors=collect_errors)
     if any(l.format == "fp4_g32" and l.nibble_order is None for l in det.layers.values()):
         order, order_src, order_warnings = resolve_nibble_order(det.layers, nibble_order, src.side_files)
-        report.nibble_order = f"{order} ({order_src})"
+        report.nibble_order = f"{order}; decided by: {order_src}"
         report.warnings += order_warnings
     if any(l.format == "nvfp4" and l.spelling == UNTAGGED_NVFP4 for l in det.layers.values()):
         try:

@@ -36,7 +36,8 @@ class ConvertResult:
     text: list[str] = field(default_factory=list)  # report + summary, rendered before DST is replaced
 
     def lines(self) -> list[str]:
-        out = [f"wrote {self.dst}: {self.tensors} tensors, {self.bytes_written / 2**20:.1f} MiB of tensor data"]
+        out = [f"wrote {self.dst}: {self.tensors} tensors, {self.bytes_written / 2**20:.1f} MiB of tensor data",
+               "changed: " + changes(self.report)]
         if self.fp4_errors:
             errs = list(self.fp4_errors.values())
             out.append(f"FP4 group-32 → {self.to}: {len(errs)} layers re-encoded; relative error added "
@@ -45,6 +46,23 @@ class ConvertResult:
         if extras:
             out.append("kept extra modules: " + ", ".join(f"{g} ({len(m)})" for g, m in extras.items()))
         return out
+
+
+def changes(rep: Report) -> str:
+    """One line on what the conversion changed, from the report (fp8 payloads are never touched)."""
+    parts = []
+    if rep.remapped:
+        parts.append(f"{rep.remapped} keys renamed to native Wan names")
+    if rep.prefix:
+        parts.append(f"prefix '{rep.prefix}' removed")
+    if any("scaled_fp8" in n for n in rep.notes):
+        parts.append("legacy 'scaled_fp8' marker dropped")
+    legacy = sum(n for s, n in rep.spellings.items() if "scale" in s and "comfy_quant" not in s)
+    if legacy:
+        parts.append(f"{legacy} per-tensor scales written as fp32 weight_scale with a comfy_quant entry")
+    if rep.dequantized:
+        parts.append(f"{len(rep.dequantized)} layers ComfyUI cannot run quantized written dequantized")
+    return "; ".join(parts) or "keys and scales were already native (only comfy_quant entries written where missing)"
 
 
 def _fp4_to_target(name: str, entries: dict[str, Entry], to: str, errors: dict[str, float]) -> list[Entry]:

@@ -120,6 +120,10 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, st
                 raise WanquantError("file is too short to be safetensors (truncated?)", file=path,
                                     expected="an 8-byte header length", found=f"{len(head)} bytes")
             (n,) = struct.unpack("<Q", head)
+            if n > size and f.read(1) != b"{":  # text, JSON, an image...: the first 8 bytes are no length
+                raise WanquantError("not a safetensors file: its first 8 bytes are not a header length",
+                                    file=path, expected=f"a header length below the file size ({size:,} bytes)",
+                                    found=repr(head))
             if n > MAX_HEADER_BYTES:
                 raise WanquantError("safetensors header is too large (not safetensors, or hostile)", file=path,
                                     expected=f"at most {MAX_HEADER_BYTES:,} bytes, the safetensors library's limit",
@@ -127,6 +131,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, st
             if 8 + n > size:
                 raise WanquantError("safetensors header is larger than the file (truncated or not safetensors)",
                                     file=path, expected=f"header of {n} bytes within a {size}-byte file")
+            f.seek(8)
             raw = f.read(n)
     except OSError as exc:
         raise WanquantError(f"cannot read file: {exc.strerror}", file=path) from exc

@@ -187,7 +187,8 @@ class LoraMatch:
         ranks = Counter(self.ranks.values())
         lines = [f"LoRA {self.lora.name}: {self.lora.style()} keys, strength {self.strength:g}"
                  + (f", mode {self.mode}" if self.mode else ""),
-                 f"  matched: {self.used_keys} of {self.lora.num_keys} keys → {len(self.patches)} patches "
+                 f"  matched: {self.used_keys} of {self.lora.num_keys} keys → {len(self.patches)} "
+                 f"patch{'es' if len(self.patches) != 1 else ''} "
                  f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})"]
         if ranks:
             lines.append("  ranks: " + ", ".join(f"rank {r} × {n} modules" for r, n in sorted(ranks.items())))
@@ -475,10 +476,11 @@ def match_lora(lora: LoraFile, model_shapes: Mapping[str, tuple[int, ...]], *, s
         raise WanquantError("LoRA matches none of this model's parameters (wrong model, or an unknown naming "
                             "style); nothing was applied", file=lora.path, layer=first[0], found=first[1],
                             expected="keys naming Wan modules")
-    if unmatched and not any("unmatched" in w for w in warnings):
-        warnings.append(f"{len(unmatched)} LoRA keys were not applied (see 'unmatched')")
-    for w in warnings:
+    for w in warnings:  # wrong-variant LoRAs: loud in the log too
         log.warning("%s: %s", lora.name, w)
+    if unmatched and not any("unmatched" in w for w in warnings):
+        # said once, by the report that lists them (logging it as well printed it twice in the CLI)
+        warnings.append(f"{len(unmatched)} LoRA keys were not applied (see 'unmatched')")
     return LoraMatch(lora, patches, unmatched, warnings, strength, mode)
 
 

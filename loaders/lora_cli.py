@@ -22,10 +22,11 @@ def register(subparsers, parents=()) -> None:
     p.add_argument("--nearest", action="store_true",
                    help="round to nearest instead of stochastic rounding when requantizing (biased for small LoRA changes)")
     p.add_argument("--strict", action="store_true", help="fail if any LoRA key does not match the model")
-    p.add_argument("--fp4-to", choices=["float8_e4m3fn", "nvfp4", "bf16"], default="float8_e4m3fn",
-                   help="format for FP4 group-32 layers, which stock ComfyUI cannot load (default float8_e4m3fn)")
+    p.add_argument("--to", "--fp4-to", dest="fp4_to", choices=["float8_e4m3fn", "nvfp4", "bf16"], default="float8_e4m3fn",
+                   help="format for FP4 group-32 layers, which stock ComfyUI cannot load (default float8_e4m3fn; "
+                        "the same option as convert's --to)")
     p.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto",
-                   help="FP4 group-32 packing of MODEL (default: quantize_config.json, else low_first)")
+                   help="FP4 group-32 packing of MODEL (auto: quantize_config.json, else decided from the weights)")
     p.set_defaults(func=cmd_merge_lora)
 
 

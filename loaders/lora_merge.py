@@ -179,6 +179,7 @@ class MergeStats:
     requant_rel: dict[str, float] = field(default_factory=dict)  # ‖deq(new) − (W+ΔW)‖ / ‖W+ΔW‖
     reencoded: dict[str, str] = field(default_factory=dict)  # FP4 group-32 layer → format written
     plain: int = 0
+    rounding: str = "stochastic"  # or "nearest" (merge-lora --nearest)
 
     def lines(self) -> list[str]:
         out = []
@@ -186,7 +187,7 @@ class MergeStats:
             r = [self.requant_rel[n] for n in self.delta_rel]
             d = list(self.delta_rel.values())
             out.append(f"merged {len(r)} quantized layers: LoRA change ‖ΔW‖/‖W‖ mean {sum(d) / len(d):.2e}; "
-                       f"requantization (fresh scale, stochastic rounding) added relative error mean "
+                       f"requantization (fresh scale, {self.rounding} rounding) added relative error mean "
                        f"{sum(r) / len(r):.2e}, max {max(r):.2e}")
         if self.reencoded:
             tos = sorted(set(self.reencoded.values()))
@@ -380,7 +381,7 @@ def _merge(model: CanonicalModel, model_path, loras, dst, stochastic, allow_unma
             raise WanquantError(f"{len(m.unmatched)} LoRA keys do not match the model (drop --strict to merge the matching keys anyway)",
                                 file=str(path), layer=m.unmatched[0][0], found=m.unmatched[0][1])
         matches.append(m)
-    stats = MergeStats()
+    stats = MergeStats(rounding="stochastic" if stochastic else "nearest")
     entries = plan_merge(model, group_patches(matches), stochastic=stochastic, stats=stats, fp4_to=fp4_to)
     meta = dict(model.metadata)
     meta["format"] = "pt"

@@ -7,10 +7,11 @@ import sys
 
 
 def tqdm_progress(desc: str, unit: str = "tensor"):
-    """(update(done, total), close) for a tqdm bar on stderr."""
+    """(update(done, total), close) for a tqdm bar on stderr; no bar when stderr is not a terminal
+    (a log file or a pipe would get kilobytes of redraws, and an error line glued to them)."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=desc, unit=unit, leave=False, file=sys.stderr)
+    bar = tqdm(desc=desc, unit=unit, leave=False, file=sys.stderr, disable=not _is_tty(sys.stderr))
 
     def update(done: int, total: int) -> None:
         bar.total = total
@@ -18,3 +19,10 @@ def tqdm_progress(desc: str, unit: str = "tensor"):
         bar.refresh()
 
     return update, bar.close
+
+
+def _is_tty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

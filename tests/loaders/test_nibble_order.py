@@ -116,7 +116,7 @@ def trained():
 def test_trained_weights_decide_the_order_with_strong_evidence(trained, tmp_path, order):
     q = fp4_file(trained, order, tmp_path / "fp4.safetensors")
     m = load_canonical(tmp_path / "fp4.safetensors")
-    assert m.report.nibble_order.startswith(f"{order} (detected from the weights, strong evidence")
+    assert m.report.nibble_order.startswith(f"{order}; decided by: detected from the weights, strong evidence")
     assert not [w for w in m.report.warnings if "nibble" in w]
     # and the canonical (high-first) weights decode to what the producer packed
     for layer in ("blocks.0.ffn.2", "blocks.2.self_attn.o"):
@@ -127,7 +127,7 @@ def test_trained_weights_decide_the_order_with_strong_evidence(trained, tmp_path
 def test_random_weights_are_undecided_with_a_loud_warning(tmp_path):
     fp4_file(_untrained(), "high_first", tmp_path / "fp4.safetensors")
     m = load_canonical(tmp_path / "fp4.safetensors")
-    assert m.report.nibble_order.startswith(f"{DEFAULT} (UNDECIDED from the weights")
+    assert m.report.nibble_order.startswith(f"{DEFAULT}; decided by: UNDECIDED from the weights")
     warn = [w for w in m.report.warnings if "nibble order could not be decided" in w]
     assert len(warn) == 1 and "fp4_nibble_order" in warn[0] and "--nibble-order" in warn[0]
 
@@ -139,8 +139,8 @@ def test_explicit_order_beats_the_weights(trained, tmp_path, how):
     fp4_file(trained, "high_first", tmp_path / "fp4.safetensors")
     if how == "override":
         m = load_canonical(tmp_path / "fp4.safetensors", nibble_order="low_first")
-        assert m.report.nibble_order == "low_first (override)"
+        assert m.report.nibble_order == "low_first; decided by: override"
     else:
         (tmp_path / "quantize_config.json").write_text(json.dumps({"packing": "low_nibble_first"}))
         m = load_canonical(tmp_path)
-        assert m.report.nibble_order == "low_first (quantize_config.json)"
+        assert m.report.nibble_order == "low_first; decided by: quantize_config.json"
