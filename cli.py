@@ -29,8 +29,8 @@ def format_report(rep) -> str:
 def cmd_inspect(args) -> int:
     from .loaders.canonical import load_canonical
 
-    model = load_canonical(args.path, nibble_order=args.nibble_order, collect_errors=True)
-    rep = model.report
+    with load_canonical(args.path, nibble_order=args.nibble_order, collect_errors=True) as model:
+        rep = model.report
     if args.json:
         print(json.dumps(rep.to_json(), indent=1))
     else:
@@ -66,14 +66,16 @@ def cmd_demo(_args) -> int:
               f"(WorldStereo-style: kijai scaled fp8, diffusers keys, bf16 scales, 'scaled_fp8' marker).\n"
               f"Try `wanquant inspect YOUR_FILE` or `wanquant --help`.\n")
         print(f"$ wanquant inspect {Path(src).name}")
-        print(format_report(load_canonical(src).report))
+        with load_canonical(src) as model:
+            print(format_report(model.report))
         dst = Path(tmp) / "tiny-native-comfy.safetensors"
         print(f"\n$ wanquant convert {Path(src).name} {dst.name}")
         result = convert(src, dst)
         for line in result.lines():
             print(line)
         print(f"\n$ wanquant inspect {dst.name}")
-        print(format_report(load_canonical(dst).report))
+        with load_canonical(dst) as model:
+            print(format_report(model.report))
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,7 +23,7 @@ import torch
 from ..errors import WanquantError
 from ..ops.formats import comfy_quant_tensor, swap_nibbles
 from . import keymap
-from .containers import Source, TensorRef, open_source
+from .containers import Source, TensorReader, TensorRef, open_source
 from .detect import MARKER_KEY, Detection, Layer, _header_quant_layers, detect_layers
 from .family import Family, recognise
 
@@ -106,6 +107,21 @@ class CanonicalModel:
     report: Report
     source: Source | None = None
     metadata: dict[str, str] = field(default_factory=dict)  # e.g. {"config": ...} for ComfyUI
+    base_sources: list[Source] = field(default_factory=list)  # an overlay's base file(s)
+
+    def sources(self) -> list[Source]:
+        return [s for s in (self.source, *self.base_sources) if s is not None]
+
+    def close(self) -> None:
+        """Close every file this model reads from (its own and an overlaid base's)."""
+        for src in self.sources():
+            src.close()
+
+    def __enter__(self) -> "CanonicalModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: e.shape for k, e in self.entries.items()}
@@ -119,6 +135,35 @@ class CanonicalModel:
             if progress:
                 progress(i + 1, n)
         return out
+
+
+class LazyTensors(Mapping):
+    """Tensors kept as references to their file and read only when asked.
+
+    For modules no node uses yet (Vista4D's camera encoder, WorldStereo's controlnet): they
+    cost nothing until read. Each read closes the sources again, so holding this map keeps no
+    descriptor open; the tensor returned stays valid on its own."""
+
+    def __init__(self, entries: dict[str, Entry], sources: list[Source]):
+        self._entries = dict(entries)
+        self._sources = list(sources)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        try:
+            return entry.load()
+        finally:
+            for src in self._sources:
+                src.close()
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: e.shape for k, e in self._entries.items()}
 
 
 def _nibble_order(src: Source, override: str | None) -> tuple[str, str]:
@@ -174,10 +219,37 @@ def _map_keys(keys, style: str, file: str) -> tuple[dict[str, str], list[str]]:
     return mapping, unrecognised
 
 
-def load_canonical(path, *, nibble_order: str | None = None, collect_errors: bool = False) -> CanonicalModel:
-    """Open any supported checkpoint and describe it in canonical form (lazily)."""
-    src = open_source(path)
-    return canonical_from_source(src, nibble_order=nibble_order, collect_errors=collect_errors)
+def load_canonical(path, *, nibble_order: str | None = None, collect_errors: bool = False,
+                   tensor_reader: TensorReader | None = None) -> CanonicalModel:
+    """Open any supported checkpoint and describe it in canonical form (lazily).
+
+    The result owns the open file(s): use it as a context manager or call ``close()``.
+    ``tensor_reader``: see ``containers.open_source`` (the ComfyUI loader maps the file)."""
+    src = open_source(path, tensor_reader=tensor_reader)
+    try:
+        return canonical_from_source(src, nibble_order=nibble_order, collect_errors=collect_errors)
+    except BaseException:
+        src.close()
+        raise
+
+
+def load_with_base(path, base=None, **kwargs) -> CanonicalModel:
+    """``load_canonical(path)``, overlaid on ``base`` when given; one model that owns (and on
+    failure closes) every file it opened."""
+    model = load_canonical(path, **kwargs)
+    if not base:
+        return model
+    try:
+        base_model = load_canonical(base, **kwargs)
+    except BaseException:
+        model.close()
+        raise
+    try:
+        return overlay(model, base_model)
+    except BaseException:
+        model.close()
+        base_model.close()
+        raise
 
 
 def canonical_from_source(src: Source, *, nibble_order: str | None = None,
@@ -414,4 +486,5 @@ def overlay(finetune: CanonicalModel, base: CanonicalModel) -> CanonicalModel:
     fam = recognise({k: e.shape for k, e in entries.items()})
     _fill_family(report, fam)
     report.total_bytes = sum(e.nbytes for e in entries.values())
-    return CanonicalModel(entries, layers, report, finetune.source)
+    return CanonicalModel(entries, layers, report, finetune.source,
+                          base_sources=[*finetune.base_sources, base.source, *base.base_sources])

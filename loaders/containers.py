@@ -1,10 +1,20 @@
 """Container readers: a single safetensors file, a sharded index, a folder, or a ``.pth``.
 
 Every reader yields the same thing, a :class:`Source`: a map of key → :class:`TensorRef` that
-knows shape and dtype from the header alone and loads the tensor only when asked (safetensors
-through mmap, ``.pth`` through ``torch.load(mmap=True, weights_only=True)``). Nothing here knows
-about Wan or quantization; it only refuses files that are unsafe or broken, with a message that
-names the file and what was expected.
+knows shape and dtype from the header alone and loads the tensor only when asked. Nothing here
+knows about Wan or quantization; it only refuses files that are unsafe or broken, with a message
+that names the file and what was expected.
+
+Two ways to read safetensors data, because the two users want opposite things:
+
+* positioned reads into fresh buffers (the default): right for a *writer* (``convert``,
+  ``merge-lora``), which holds one tensor at a time and must not grow a 20 GB mapping;
+* a ``tensor_reader`` (e.g. ComfyUI's own ``load_torch_file``): tensors backed by the
+  memory-mapped file, right for *loading a model*, whose pages then stay file-backed and
+  reclaimable exactly as stock ComfyUI keeps them (and carry ComfyUI's own file-slice hints).
+
+``.pth`` goes through ``torch.load(mmap=True, weights_only=True)``. A :class:`Source` owns what
+it opened: close it (it is a context manager) and no descriptor or mapping outlives it.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -39,6 +49,9 @@ DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 MODEL_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".ckpt")
 SIDE_FILES = ("config.yaml", "config.json", "quantize_config.json")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+#: file path -> its tensors by key, memory-mapped (loaded lazily, once per file)
+TensorReader = Callable[[str], Mapping[str, torch.Tensor]]
 
 
 @dataclass
@@ -82,16 +95,24 @@ class Source:
     index_metadata: dict = field(default_factory=dict)
     side_files: dict[str, object] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    handles: list = field(default_factory=list, repr=False)  # per-file readers, closed by close()
 
     def keys(self):
         return self.tensors.keys()
 
     def close(self) -> None:
-        """Drop the mmap handles kept by lazily loaded safetensors files."""
-        for ref in self.tensors.values():
-            closer = getattr(ref._loader, "close", None)
-            if closer:
-                closer()
+        """Close every descriptor and drop every mapping this source opened (idempotent).
+
+        A tensor already handed out stays valid (a mapping lives as long as its tensors); a
+        later ``load()`` reopens the file."""
+        for handle in self.handles:
+            handle.close()
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class _SafetensorsFile:
@@ -131,6 +152,37 @@ class _SafetensorsFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class _MappedFile:
+    """Tensors of one file as a ``TensorReader`` hands them out (file-backed, memory-mapped).
+
+    The reader runs once per file, on the first tensor asked for; ``close`` drops its result,
+    so the mapping lives exactly as long as the tensors taken from it."""
+
+    def __init__(self, path: str, reader: TensorReader):
+        self.path = path
+        self.reader = reader
+        self._tensors: Mapping[str, torch.Tensor] | None = None
+
+    def read(self, key: str, begin: int, end: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        if self._tensors is None:
+            try:
+                self._tensors = self.reader(self.path)
+            except OSError as exc:
+                raise WanquantError(f"cannot map file: {exc.strerror}", file=self.path, layer=key) from exc
+            except Exception as exc:  # noqa: BLE001 - the reader (ComfyUI's) refused what our header check passed
+                raise WanquantError(f"cannot map file ({type(exc).__name__}: {str(exc)[:300]})",
+                                    file=self.path, layer=key) from exc
+        t = self._tensors.get(key)
+        if t is None or t.dtype != dtype or tuple(t.shape) != shape:
+            raise WanquantError("memory-mapped tensor differs from the header", file=self.path, layer=key,
+                                expected=f"{dtype} {list(shape)}",
+                                found="absent" if t is None else f"{t.dtype} {list(t.shape)}")
+        return t
+
+    def close(self) -> None:
+        self._tensors = None
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
@@ -187,25 +239,25 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, st
     return header, {str(k): str(v) for k, v in metadata.items()}, data_start
 
 
-def _open_safetensors(path: str) -> tuple[dict[str, TensorRef], dict[str, str]]:
+def _open_safetensors(path: str, reader: TensorReader | None = None):
+    """(tensor refs, header metadata, the handle that owns the file's descriptor or mapping)."""
     header, metadata, data_start = read_safetensors_header(path)
-    handle = _SafetensorsFile(path, data_start)
+    handle = _SafetensorsFile(path, data_start) if reader is None else _MappedFile(path, reader)
     refs = {}
     for key, info in header.items():
         dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
         begin, end = info["data_offsets"]
-        loader = _bind(handle, key, begin, end, dtype, shape)
+        loader = _bind(handle, key, begin, end, dtype, shape, data_start)
         refs[key] = TensorRef(key, shape, dtype, path, loader)
-    return refs, metadata
+    return refs, metadata, handle
 
 
-def _bind(handle: _SafetensorsFile, key: str, begin: int, end: int, dtype: torch.dtype, shape):
+def _bind(handle, key: str, begin: int, end: int, dtype: torch.dtype, shape, data_start: int):
     def load():
         return handle.read(key, begin, end, dtype, shape)
 
-    load.close = handle.close
     # lets the writer copy an unchanged tensor file-to-file in the kernel (copy_file_range)
-    load.source_range = (handle.path, handle.data_start + begin, end - begin)
+    load.source_range = (handle.path, data_start + begin, end - begin)
     return load
 
 
@@ -226,7 +278,7 @@ def _inside(folder: Path, name: str, index_path: str) -> Path:
     return candidate
 
 
-def _open_index(index_path: Path) -> Source:
+def _open_index(index_path: Path, reader: TensorReader | None = None) -> Source:
     try:
         index = json.loads(index_path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -236,7 +288,7 @@ def _open_index(index_path: Path) -> Source:
         raise WanquantError("shard index has no weight_map", file=str(index_path),
                             expected='{"weight_map": {key: shard file}}')
     folder = index_path.parent
-    shards: dict[str, tuple[dict[str, TensorRef], dict]] = {}
+    shards: dict[str, tuple[dict[str, TensorRef], dict, object]] = {}
     tensors: dict[str, TensorRef] = {}
     metadata: dict[str, str] = {}
     for key, name in weight_map.items():
@@ -245,18 +297,19 @@ def _open_index(index_path: Path) -> Source:
             if not shard.is_file():
                 raise WanquantError("index names a shard that does not exist", file=str(index_path),
                                     layer=key, expected=f"shard file {shard}", found="no such file")
-            shards[name] = _open_safetensors(str(shard))
+            shards[name] = _open_safetensors(str(shard), reader)
             metadata.update(shards[name][1])
         refs = shards[name][0]
         if key not in refs:
             raise WanquantError("key from the index is missing in its shard", file=str(shard), layer=key,
                                 expected=f"'{key}' in {name} (as the index says)", found="absent")
         tensors[key] = refs[key]
-    unlisted = sum(len(set(r) - set(weight_map)) for r, _ in shards.values())
+    unlisted = sum(len(set(r) - set(weight_map)) for r, _, _ in shards.values())
     if unlisted:
         log.warning("%s: %d tensors in shards are not listed in the index and are ignored", index_path, unlisted)
     return Source(str(index_path), "sharded", tensors, metadata,
-                  index_metadata=index.get("metadata") or {}, files=[str(folder / n) for n in shards])
+                  index_metadata=index.get("metadata") or {}, files=[str(folder / n) for n in shards],
+                  handles=[h for _, _, h in shards.values()])
 
 
 def _open_pth(path: Path) -> Source:
@@ -319,19 +372,23 @@ def _pick_in_folder(folder: Path) -> Path:
                         found=", ".join(p.name for p in models) or "nothing")
 
 
-def open_source(path: str | os.PathLike) -> Source:
-    """Open a checkpoint given as a file, an index or a folder."""
+def open_source(path: str | os.PathLike, *, tensor_reader: TensorReader | None = None) -> Source:
+    """Open a checkpoint given as a file, an index or a folder.
+
+    ``tensor_reader`` (file path -> tensors by key) serves safetensors data instead of
+    positioned reads; the loader passes ComfyUI's own mmap reader so the model's pages stay
+    file-backed. Headers are always parsed and validated here first."""
     p = Path(path)
     if not p.exists():
         raise WanquantError("no such file or folder", file=str(p))
     if p.is_dir():
         p = _pick_in_folder(p)
     if p.name.endswith(".index.json"):
-        src = _open_index(p)
+        src = _open_index(p, tensor_reader)
     elif p.suffix in (".pth", ".pt", ".ckpt"):
         src = _open_pth(p)
     else:
-        refs, metadata = _open_safetensors(str(p))
-        src = Source(str(p), "safetensors", refs, metadata, files=[str(p)])
+        refs, metadata, handle = _open_safetensors(str(p), tensor_reader)
+        src = Source(str(p), "safetensors", refs, metadata, files=[str(p)], handles=[handle])
     src.side_files = _read_side_files(p.parent)
     return src

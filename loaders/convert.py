@@ -16,7 +16,7 @@ import torch
 
 from ..errors import WanquantError
 from ..ops.formats import comfy_quant_tensor, get_format
-from .canonical import CanonicalModel, Entry, Report, load_canonical, overlay
+from .canonical import CanonicalModel, Entry, Report, load_with_base
 from .writer import write_safetensors
 
 log = logging.getLogger(__name__)
@@ -123,9 +123,11 @@ def plan(model: CanonicalModel, to: str, errors: dict[str, float]) -> list[Entry
 
 def convert(src, dst, *, base=None, to: str = "float8_e4m3fn", nibble_order: str | None = None,
             progress: Callable[[int, int], None] | None = None) -> ConvertResult:
-    model = load_canonical(src, nibble_order=nibble_order)
-    if base:
-        model = overlay(model, load_canonical(base, nibble_order=nibble_order))
+    with load_with_base(src, base, nibble_order=nibble_order) as model:
+        return _convert(model, src, dst, base, to, progress)
+
+
+def _convert(model: CanonicalModel, src, dst, base, to: str, progress) -> ConvertResult:
     if model.report.errors:
         raise WanquantError(model.report.errors[0], file=str(src))
     errors: dict[str, float] = {}

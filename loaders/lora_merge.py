@@ -340,7 +340,12 @@ def merge_lora_file(model_path, loras: Sequence[tuple[str, float]], dst, *, stoc
 
     Every LoRA is read and checked against the model before anything is written; the output
     appears (atomically) only when every layer merged cleanly. Memory: the LoRAs plus one layer."""
-    model = load_canonical(model_path, nibble_order=nibble_order)
+    with load_canonical(model_path, nibble_order=nibble_order) as model:
+        return _merge(model, model_path, loras, dst, stochastic, allow_unmatched, progress, fp4_to)
+
+
+def _merge(model: CanonicalModel, model_path, loras, dst, stochastic, allow_unmatched, progress,
+           fp4_to) -> MergeResult:
     if model.report.errors:
         raise WanquantError(model.report.errors[0], file=str(model_path))
     shapes = canonical_shapes(model)

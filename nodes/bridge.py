@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import WanquantError
-from ..loaders.canonical import CanonicalModel, load_canonical, overlay
+from ..loaders.canonical import CanonicalModel, LazyTensors, load_with_base
 from ..loaders.keymap import is_extra
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,33 @@ def policy_options() -> list[str]:
     return [*OPTIONS, NATIVE]
 
 
-def build_canonical(path: str, base: str | None = None, nibble_order: str = "auto") -> CanonicalModel:
-    model = load_canonical(path, nibble_order=nibble_order)
-    if base:
-        model = overlay(model, load_canonical(base, nibble_order=nibble_order))
+def comfy_mmap_reader(path: str):
+    """ComfyUI's own safetensors reader: tensors backed by the memory-mapped file, exactly as
+    stock *Load Diffusion Model* gets them (with DynamicVRAM, its file-slice hints too), so the
+    pages stay file-backed and reclaimable instead of becoming private copies."""
+    import comfy.utils
+
+    if path.lower().endswith((".safetensors", ".sft")):
+        return comfy.utils.load_torch_file(path)
+    from safetensors import safe_open  # a safetensors file under another name
+
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def build_canonical(path: str, base: str | None = None, nibble_order: str = "auto",
+                    tensor_reader=None) -> CanonicalModel:
+    """The canonical model, checked to be a complete Wan; the caller closes it."""
+    model = load_with_base(path, base, nibble_order=nibble_order, tensor_reader=tensor_reader)
+    try:
+        _check_runnable(model, path, base)
+    except BaseException:
+        model.close()
+        raise
+    return model
+
+
+def _check_runnable(model: CanonicalModel, path: str, base: str | None) -> None:
     rep = model.report
     if rep.errors:
         raise WanquantError(rep.errors[0])
@@ -62,7 +85,6 @@ def build_canonical(path: str, base: str | None = None, nibble_order: str = "aut
                 "the base given does not complete it; check that it is the right base model")
         kind = "partial Vista4D finetune" if "vista4d" in rep.extras else "incomplete Wan checkpoint"
         raise WanquantError(f"{kind}: {what}; {hint}", file=path)
-    return model
 
 
 def split_extras(model: CanonicalModel) -> tuple[list[str], list[str]]:
@@ -77,14 +99,19 @@ def split_extras(model: CanonicalModel) -> tuple[list[str], list[str]]:
 def load_wan_model(path: str, base: str | None = None, policy: str = "auto", compute_dtype: str = "auto",
                    nibble_order: str = "auto", progress=None, disable_dynamic: bool = False) -> LoadResult:
     """Build a ComfyUI ModelPatcher for any supported Wan checkpoint (raises WanquantError)."""
-    import comfy.model_management as mm
-    import comfy.sd
-
     if policy not in policy_options():
         raise WanquantError("unknown op policy", expected=" / ".join(policy_options()), found=policy)
     if compute_dtype not in COMPUTE_DTYPES:
         raise WanquantError("unknown compute dtype", expected=" / ".join(COMPUTE_DTYPES), found=compute_dtype)
-    model = build_canonical(path, base, nibble_order)
+    with build_canonical(path, base, nibble_order, tensor_reader=comfy_mmap_reader) as model:
+        return _build_patcher(model, path, base, policy, compute_dtype, nibble_order, progress, disable_dynamic)
+
+
+def _build_patcher(model: CanonicalModel, path, base, policy, compute_dtype, nibble_order, progress,
+                   disable_dynamic) -> LoadResult:
+    import comfy.model_management as mm
+    import comfy.sd
+
     keep, extras = split_extras(model)
     has_fp4 = any(l.format == "fp4_g32" for l in model.layers.values())
     load_device = mm.get_torch_device()
@@ -100,26 +127,35 @@ def load_wan_model(path: str, base: str | None = None, policy: str = "auto", com
         raise WanquantError("FP4 group-32 layers need wanquant's ops; choose an op policy other than "
                             f"'{NATIVE}' (or convert the file with `wanquant convert --to ...`)", file=path)
 
+    # Tensors that need no change are the file's own mapped pages (nothing is read here); only
+    # layers that change (fused k/v, nibble swaps, re-typed scales) are materialised, one by one.
     total = len(keep)
     sd = {}
     for i, k in enumerate(keep):
         sd[k] = model.entries[k].load()
         if progress:
             progress(i + 1, total)
-    extra_tensors = {k: model.entries[k].load() for k in extras}
 
     patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options, metadata=model.metadata or None,
                                                        disable_dynamic=disable_dynamic)
     if patcher is None:
         raise WanquantError("ComfyUI could not detect the model type from the normalised keys "
                             f"({model.report.variant})", file=path)
-    if compute_dtype != "auto" and policy == NATIVE:
-        patcher.set_model_compute_dtype(COMPUTE_DTYPES[compute_dtype])
+    if policy == NATIVE:
+        if compute_dtype != "auto":  # ComfyUI's own override (it also forces weight casts)
+            patcher.set_model_compute_dtype(COMPUTE_DTYPES[compute_dtype])
+    else:
+        # Activations must arrive in the dtype our layers were built for; otherwise ComfyUI's cast
+        # turns every quantized weight dense and the planned fp8/kitchen path never runs. Set on
+        # the model itself (this load owns it), so every clone and direct call sees it.
+        patcher.model.manual_cast_dtype = plan.compute_dtype
+        patcher.model.wanquant_plan = plan
     patcher.cached_patcher_init = (reload_patcher, (path, base, policy, compute_dtype, nibble_order))
-    patcher.model.wanquant_extras = extra_tensors  # Vista4D / WorldStereo modules, for nodes that use them
+    # Vista4D / WorldStereo modules: references into the file, read only when a node asks
+    patcher.model.wanquant_extras = LazyTensors({k: model.entries[k] for k in extras}, model.sources())
     patcher.model.wanquant_report = model.report
 
-    lines = _report_lines(model, extras, policy, plan, patcher)
+    lines = _report_lines(model, extras, policy, plan, patcher, COMPUTE_DTYPES[compute_dtype])
     for line in lines:
         log.info("%s", line)
     return LoadResult(patcher, model, lines)
@@ -130,7 +166,7 @@ def reload_patcher(path, base, policy, compute_dtype, nibble_order, disable_dyna
     return load_wan_model(path, base, policy, compute_dtype, nibble_order, disable_dynamic=disable_dynamic).patcher
 
 
-def _report_lines(model: CanonicalModel, extras: list[str], policy: str, plan, patcher) -> list[str]:
+def _report_lines(model: CanonicalModel, extras: list[str], policy: str, plan, patcher, forced_dtype) -> list[str]:
     rep = model.report
     q = ", ".join(f"{n} {f}" for f, n in sorted(rep.formats.items(), key=lambda kv: -kv[1]))
     lines = [
@@ -154,8 +190,10 @@ def _report_lines(model: CanonicalModel, extras: list[str], policy: str, plan, p
         lines.append(plan.report().splitlines()[0])
         lines.append(f"ops: {plan.summary()}")
         log.info("per-layer op plan:\n%s", plan.report())
-    if dtype is not None and plan is None:
-        lines.append(f"compute dtype: {str(dtype).replace('torch.', '')}")
+    if plan is None and (forced_dtype or dtype) is not None:
+        note = " (set by option: ComfyUI then casts every weight, quantized layers included, to it)" \
+            if forced_dtype is not None else ""
+        lines.append(f"compute dtype: {str(forced_dtype or dtype).replace('torch.', '')}{note}")
     if rep.nibble_order:
         lines.append(f"FP4 nibble order: {rep.nibble_order}")
     for group, mods in rep.extras.items():

@@ -37,7 +37,7 @@ from comfy.quant_ops import QuantizedTensor
 from ..errors import WanquantError
 from ..ops.formats import FP8_FORMATS, comfy_quant_tensor, get_format, parse_comfy_quant, swap_nibbles
 from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
-from ..ops.policy import DEQUANT, FP8_MATMUL, KITCHEN_MATMUL, OpsPlan
+from ..ops.policy import DENSE, DEQUANT, FP8_MATMUL, KITCHEN_MATMUL, OpsPlan
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,8 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 choice = plan.decide(name, fmt, conf, shape, getattr(self, "input_scale", None) is not None,
                                      None if fmt else (weight.dtype if weight is not None else None))
                 self._wq_choice = choice
+                self._wq_name = name
+                self._wq_ran = set()  # paths this layer has executed (recorded once each)
                 self._wq_conf = dict(conf or {}, orig_shape=list(shape))
                 if fmt is not None:
                     # ComfyUI's own forward runs only the kitchen path; keep its flag consistent
@@ -199,6 +201,20 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                     sd[f"{prefix}comfy_quant"] = comfy_quant_tensor({"format": "fp4_g32", "group_size": 32})
                 return sd
 
+            def _wq_record(self, path, why=""):
+                """Note the path this layer really ran, once per path (the report's ground truth)."""
+                if path not in self._wq_ran:
+                    self._wq_ran.add(path)
+                    plan.record(self._wq_name, path, why)
+
+            def _wq_patched(self) -> str:
+                """Why ComfyUI hands this layer a dense weight at run time ('' when it does not)."""
+                if getattr(self, "comfy_force_cast_weights", False):
+                    return "ComfyUI forces weight casts on this model"
+                if len(self.weight_function) or len(self.bias_function):
+                    return "weights patched at run time (LoRA on the fly or lowvram patches)"
+                return ""
+
             def forward(self, input, *args, **kwargs):
                 choice = self._wq_choice
                 fmt = getattr(self, "quant_format", None)
@@ -206,23 +222,39 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                         or choice.path == KITCHEN_MATMUL or input.requires_grad
                         or getattr(self, "pre_quant_scale", None) is not None
                         or isinstance(input, QuantizedTensor)):
+                    if choice is not None:
+                        self._wq_record(*self._wq_comfy_path(input, fmt))
                     return super().forward(input, *args, **kwargs)
                 comfy.ops.run_every_op()
-                fast = (choice.path == FP8_MATMUL and fmt in FP8_FORMATS
-                        and not getattr(self, "comfy_force_cast_weights", False)
-                        and len(self.weight_function) == 0 and len(self.bias_function) == 0)
+                patched = self._wq_patched()
+                fast = choice.path == FP8_MATMUL and fmt in FP8_FORMATS and not patched
                 with _cast_weights(self, input, want_requant=fast) as (weight, bias):
                     if isinstance(weight, QuantizedTensor):
                         tensors = plain_tensors(weight)
                         if fast:
+                            self._wq_record(FP8_MATMUL)
                             scale = getattr(self, "input_scale", None)
                             if scale is not None:
                                 scale = comfy.model_management.cast_to_device(scale, input.device, None)
                             return linear_fp8_scaled_mm(input, tensors["weight"], tensors["weight_scale"],
                                                         bias, input_scale=scale)
+                        self._wq_record(DEQUANT, patched)
                         return linear_dequant(input, fmt, tensors, bias, self._wq_conf)
-                    # already dense: lowvram LoRA functions applied, or a dtype change dequantized it
+                    # ComfyUI already made it dense: patches applied, or a dtype change dequantized it
+                    self._wq_record(DEQUANT, patched or f"ComfyUI cast the weight to {weight.dtype} "
+                                                        f"(activations arrive in {input.dtype})")
                     return torch.nn.functional.linear(input, weight.to(input.dtype), bias)
+
+            def _wq_comfy_path(self, input, fmt):
+                """The path ComfyUI's own forward takes for this layer (mirrors its quantized-path gate)."""
+                if fmt is None or getattr(self, "layout_type", None) is None:
+                    return DENSE, ""
+                why = self._wq_patched()
+                if self._full_precision_mm:
+                    return DEQUANT, why or "full-precision matmul for this layer"
+                if why or isinstance(input, QuantizedTensor):
+                    return DEQUANT, why or "quantized input"
+                return (FP8_MATMUL if fmt in FP8_FORMATS else KITCHEN_MATMUL), "ComfyUI's own quantized matmul"
 
     WanquantOps.__name__ = "WanquantOps"
     return WanquantOps, plan

@@ -118,7 +118,7 @@ def _progress_cb(total_hint: int = 0):
 
 def _policy_tooltip() -> str:
     return ("How quantized Linears run. auto: fp8 tensor-core matmul with dynamic activation scaling on SM 8.9+, "
-            "NVFP4/MXFP8 kitchen kernels on SM 10+ with a CUDA-13 torch, dequantize-on-the-fly elsewhere (Ampere, CPU). "
+            "NVFP4/MXFP8 kitchen kernels on SM 10+ where comfy-kitchen has a GPU backend for them, dequantize-on-the-fly elsewhere (Ampere, CPU). "
             "dequant / fp8_matmul / kitchen_matmul force a path (an impossible choice stops before sampling). "
             f"{bridge.NATIVE}: ComfyUI's own ops (fp8 activations clamped at ±448, no FP4 group-32).")
 
@@ -184,7 +184,8 @@ class WanQuantInspect(io.ComfyNode):
     def execute(cls, model_name, fp4_nibble_order="auto"):
         from ..loaders.canonical import load_canonical
 
-        rep = load_canonical(resolve(model_name), nibble_order=fp4_nibble_order, collect_errors=True).report
+        with load_canonical(resolve(model_name), nibble_order=fp4_nibble_order, collect_errors=True) as model:
+            rep = model.report
         text = "\n".join(report_lines(rep))
         return io.NodeOutput(text, ui={"text": [text]})
 

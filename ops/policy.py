@@ -1,8 +1,9 @@
 """Which linear path each quantized layer takes, chosen from the real device capability.
 
 The same file must run fast on fp8 tensor cores (SM 8.9 / 9.0+), correctly on an RTX 3090
-(SM 8.6, where ``torch._scaled_mm`` raises) and on CPU; NVFP4/MXFP8 matmul needs SM >= 10, a
-CUDA-13 torch and comfy-kitchen's CUDA backend. Users should not have to know this, so
+(SM 8.6, where ``torch._scaled_mm`` raises) and on CPU; NVFP4/MXFP8 matmul is gated as ComfyUI
+gates it (SM >= 10; MXFP8 also torch >= 2.10) plus comfy-kitchen's own capability report (a GPU
+backend that lists the block-scaled matmul). Users should not have to know this, so
 ``choose`` decides per layer, explains why, and a forced choice the device cannot honour is a
 ``WanquantError`` raised while the model is built, never a crash mid-sampling.
 
@@ -50,16 +51,16 @@ class DeviceCaps:
     torch_cuda: tuple[int, int] | None = None  # torch.version.cuda
     is_hip: bool = False
     kitchen: bool = False                    # comfy_kitchen importable
-    kitchen_cuda: bool = False               # kitchen's CUDA backend available and enabled
-    kitchen_mxfp8: bool = False              # kitchen exposes MXFP8 quantize + scaled mm
+    kitchen_gpu_ops: frozenset = frozenset()  # ops kitchen's available, enabled GPU backends list
+    kitchen_note: str = ""                   # kitchen's reason when its CUDA backend is unavailable
 
     def describe(self) -> str:
         if self.device_type != "cuda":
             return self.name
         sm = f"SM {self.sm[0]}.{self.sm[1]}" if self.sm else "SM ?"
         cu = f"CUDA {self.torch_cuda[0]}.{self.torch_cuda[1]}" if self.torch_cuda else "no CUDA"
-        kit = "kitchen CUDA backend" if self.kitchen_cuda else ("kitchen without CUDA backend" if self.kitchen
-                                                                  else "no kitchen")
+        kit = "kitchen GPU backend" if self.kitchen_gpu_ops else ("kitchen without GPU backend" if self.kitchen
+                                                                    else "no kitchen")
         return f"{self.name} ({sm}, torch {self.torch_version[0]}.{self.torch_version[1]} {cu}, {kit})"
 
 
@@ -75,21 +76,32 @@ def probe_device(device=None) -> DeviceCaps:
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tv = _version_tuple(torch.__version__) or (2, 0)
     ck = kitchen()
-    kit_cuda = False
-    kit_mx = bool(ck is not None and hasattr(ck, "scaled_mm_mxfp8") and hasattr(ck, "quantize_mxfp8"))
-    if ck is not None:
-        try:
-            info = ck.list_backends().get("cuda", {})
-            kit_cuda = bool(info.get("available")) and not info.get("disabled")
-        except Exception:  # noqa: BLE001
-            kit_cuda = False
+    gpu_ops, note = _kitchen_gpu_ops(ck)
     if dev.type == "cuda" and torch.cuda.is_available():
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
         return DeviceCaps("cuda", tuple(torch.cuda.get_device_capability(idx)), torch.cuda.get_device_name(idx),
                           tv, _version_tuple(torch.version.cuda), torch.version.hip is not None,
-                          ck is not None, kit_cuda, kit_mx)
+                          ck is not None, gpu_ops, note)
     return DeviceCaps(dev.type, None, dev.type, tv, _version_tuple(torch.version.cuda), False,
-                      ck is not None, False, kit_mx)
+                      ck is not None, frozenset(), note)
+
+
+def _kitchen_gpu_ops(ck) -> tuple[frozenset, str]:
+    """Ops that kitchen's available, enabled non-eager backends list, and kitchen's own reason
+    when its CUDA backend is unavailable (e.g. 'CUDA not available on this system')."""
+    if ck is None:
+        return frozenset(), ""
+    try:
+        backends = ck.list_backends()
+    except Exception as exc:  # noqa: BLE001 - a broken kitchen is reported, not raised
+        return frozenset(), f"list_backends failed: {exc}"
+    ops: set[str] = set()
+    for name, info in backends.items():
+        if name != "eager" and info.get("available") and not info.get("disabled"):
+            ops.update(info.get("capabilities") or ())
+    cuda = backends.get("cuda", {})
+    note = "" if cuda.get("available") else str(cuda.get("unavailable_reason") or "")
+    return frozenset(ops), note
 
 
 def _caps(device) -> DeviceCaps:
@@ -123,26 +135,25 @@ def fp8_matmul_possible(c: DeviceCaps) -> tuple[bool, str]:
 
 
 def kitchen_matmul_possible(c: DeviceCaps, fmt: str) -> tuple[bool, str]:
-    """NVFP4/MXFP8 block-scaled matmul: SM >= 10, CUDA-13 torch, kitchen CUDA backend."""
+    """NVFP4/MXFP8 block-scaled matmul, gated as ComfyUI gates it (``supports_nvfp4_compute``:
+    SM >= 10; ``supports_mxfp8_compute``: also torch >= 2.10) and by kitchen's own report: one
+    of its GPU backends must list ``scaled_mm_<fmt>`` (its eager fallback is no tensor-core path).
+    The reason names every condition that failed."""
     missing = []
     if c.device_type != "cuda" or c.is_hip:
         return False, f"{fmt} matmul needs an NVIDIA GPU (SM 10+); {c.device_type.upper()} dequantizes"
     if c.sm is None or c.sm[0] < 10:
         missing.append(f"SM {c.sm[0]}.{c.sm[1]} < 10.0" if c.sm else "unknown SM")
-    if c.torch_cuda is None or c.torch_cuda < (13, 0):
-        missing.append(f"torch built with CUDA {'.'.join(map(str, c.torch_cuda)) if c.torch_cuda else 'none'} < 13")
+    if fmt == "mxfp8" and c.torch_version < (2, 10):
+        missing.append("torch < 2.10")
+    op = f"scaled_mm_{fmt}"
     if not c.kitchen:
         missing.append("comfy-kitchen not importable")
-    elif not c.kitchen_cuda:
-        missing.append("comfy-kitchen CUDA backend unavailable")
-    if fmt == "mxfp8":
-        if c.torch_version < (2, 10):
-            missing.append("torch < 2.10")
-        if c.kitchen and not c.kitchen_mxfp8:
-            missing.append("this comfy-kitchen has no MXFP8")
+    elif op not in c.kitchen_gpu_ops:
+        missing.append(f"comfy-kitchen has no GPU backend for {op}" + (f" ({c.kitchen_note})" if c.kitchen_note else ""))
     if missing:
         return False, f"{fmt} matmul unavailable: " + ", ".join(missing)
-    return True, f"SM {c.sm[0]}.{c.sm[1]} with CUDA-13 torch and kitchen CUDA backend"
+    return True, f"SM {c.sm[0]}.{c.sm[1]}, comfy-kitchen GPU backend lists {op}"
 
 
 # ------------------------------------------------------------------------------ choose
@@ -185,7 +196,7 @@ def validate_option(option: str, device=None) -> str:
         oks = [kitchen_matmul_possible(c, f) for f in KITCHEN_FORMATS]
         if not any(ok for ok, _ in oks):
             raise WanquantError(f"forced kitchen_matmul cannot run on {c.describe()}: {oks[0][1]}",
-                                expected="SM 10+ with a CUDA-13 torch and comfy-kitchen's CUDA backend",
+                                expected="SM 10+ and a comfy-kitchen GPU backend for nvfp4/mxfp8",
                                 found=c.describe())
     return opt
 
@@ -236,7 +247,7 @@ def choose(fmt: str | None, device=None, option: str = "auto", *, conf: dict | N
         if opt == KITCHEN_MATMUL:
             if not ok:
                 raise WanquantError(f"forced kitchen_matmul cannot run here: {why}", layer=layer,
-                                    expected="SM 10+ GPU, CUDA-13 torch, kitchen CUDA backend", found=c.describe())
+                                    expected="SM 10+ GPU and a comfy-kitchen GPU backend", found=c.describe())
             return Choice(KITCHEN_MATMUL, why, forced=True)
         return Choice(KITCHEN_MATMUL, why) if ok else Choice(DEQUANT, why)
 
@@ -306,6 +317,43 @@ class OpsPlan:
         self.option = validate_option(option, self.caps)
         self.compute_dtype = compute_dtype
         self.layers: dict[str, LayerChoice] = {}
+        self.executed: dict[str, dict[str, str]] = {}  # layer -> {path it ran: why, if not planned}
+        self._warned: set[tuple[str, str, str]] = set()
+
+    def record(self, name: str, path: str, why: str = "") -> None:
+        """A layer ran ``path`` (called once per layer and path by the forward).
+
+        The plan is what the load-time report promises; this is what happened. A layer that runs
+        another path than planned is logged once per (planned, ran, why), so a user reading the
+        log sees e.g. that LoRA weight patches switched the fp8 matmul off."""
+        self.executed.setdefault(name, {})[path] = why
+        lc = self.layers.get(name)
+        planned = lc.choice.path if lc else None
+        if planned is not None and planned != path:
+            key = (planned, path, why)
+            if key not in self._warned:
+                self._warned.add(key)
+                log.warning("wanquant: layer %s was planned '%s' but ran '%s'%s (further layers like it are "
+                            "not logged; see the plan's divergences())", name, planned, path,
+                            f": {why}" if why else "")
+
+    def divergences(self) -> dict[tuple[str, str, str], list[str]]:
+        """(planned, ran, why) -> layers, for every layer that ran a path it was not planned for."""
+        out: dict[tuple[str, str, str], list[str]] = {}
+        for name, ran in self.executed.items():
+            lc = self.layers.get(name)
+            for path, why in ran.items():
+                if lc is not None and lc.choice.path != path:
+                    out.setdefault((lc.choice.path, path, why), []).append(name)
+        return out
+
+    def executed_summary(self) -> str:
+        """What ran, grouped like ``summary()`` (layers that have not run yet are left out)."""
+        groups: dict[str, list[str]] = {}
+        for name, ran in self.executed.items():
+            for path, why in ran.items():
+                groups.setdefault(path + (f" ({why})" if why else ""), []).append(name)
+        return "; ".join(f"{_describe_group(names)}: {label}" for label, names in groups.items()) or "nothing ran yet"
 
     def decide(self, name: str, fmt: str | None, conf: dict | None = None, shape=None,
                has_input_scale: bool = False, dtype=None) -> Choice:

@@ -10,12 +10,18 @@ from wanquant.ops import policy
 from wanquant.ops.policy import DeviceCaps, OpsPlan, choose, validate_option
 
 
+KITCHEN_GPU_OPS = frozenset({"scaled_mm_nvfp4", "scaled_mm_mxfp8", "quantize_nvfp4", "quantize_mxfp8"})
+
+
 def gpu(sm, cuda=(13, 0), kitchen_cuda=True, torch_version=(2, 13), kitchen=True, mx=True):
-    return DeviceCaps("cuda", sm, f"fake SM{sm[0]}{sm[1]}", torch_version, cuda, False, kitchen,
-                      kitchen_cuda and kitchen, mx)
+    ops = set(KITCHEN_GPU_OPS) if kitchen_cuda and kitchen else set()
+    if not mx:
+        ops -= {"scaled_mm_mxfp8", "quantize_mxfp8"}
+    note = "" if kitchen_cuda else "CUDA backend failed to load: libcublasLt.so.13 not found"
+    return DeviceCaps("cuda", sm, f"fake SM{sm[0]}{sm[1]}", torch_version, cuda, False, kitchen, frozenset(ops), note)
 
 
-CPU = DeviceCaps("cpu", None, "cpu", (2, 13), None, False, True, False, True)
+CPU = DeviceCaps("cpu", None, "cpu", (2, 13), None, False, True, frozenset(), "CUDA not available on this system")
 
 # capability -> expected auto path for (fp8, nvfp4, mxfp8, fp4_g32) with a CUDA-13 torch + kitchen CUDA
 TABLE = [
@@ -48,15 +54,22 @@ def test_cpu_never_gets_a_kernel_path_in_auto():
     assert "CPU" in choose("float8_e4m3fn", CPU).reason
 
 
-def test_blackwell_without_cuda13_torch_or_kitchen_backend_dequantizes_fp4():
-    c = choose("nvfp4", gpu((10, 0), cuda=(12, 8)))
-    assert c.path == "dequant" and "CUDA 12.8 < 13" in c.reason
+def test_blackwell_gate_is_comfyuis_plus_kitchens_own_report():
+    # ComfyUI gates NVFP4 on SM >= 10 only: a CUDA 12.8 torch whose kitchen backend lists the
+    # matmul runs it (the old gate also demanded a CUDA-13 torch and dequantized here)
+    assert choose("nvfp4", gpu((10, 0), cuda=(12, 8))).path == "kitchen_matmul"
     c = choose("nvfp4", gpu((12, 0), kitchen_cuda=False))
-    assert c.path == "dequant" and "CUDA backend unavailable" in c.reason
+    assert c.path == "dequant" and "no GPU backend for scaled_mm_nvfp4" in c.reason
+    assert "libcublasLt.so.13 not found" in c.reason  # kitchen's own reason is passed on
     c = choose("mxfp8", gpu((10, 0), kitchen=False))
     assert c.path == "dequant" and "not importable" in c.reason
     c = choose("mxfp8", gpu((10, 0), torch_version=(2, 9)))
     assert c.path == "dequant" and "torch < 2.10" in c.reason
+    c = choose("mxfp8", gpu((10, 0), mx=False))
+    assert c.path == "dequant" and "scaled_mm_mxfp8" in c.reason
+    # both failing conditions are named at once
+    c = choose("nvfp4", gpu((9, 0), kitchen_cuda=False))
+    assert "SM 9.0 < 10.0" in c.reason and "no GPU backend" in c.reason
     # fp8 is unaffected by the kitchen/CUDA build
     assert choose("float8_e4m3fn", gpu((10, 0), cuda=(12, 8), kitchen=False)).path == "fp8_matmul"
 
@@ -90,8 +103,8 @@ def test_forced_options():
         choose("float8_e4m3fn", gpu((8, 6)), "fp8_matmul", layer="blocks.0.ffn.0")
     # a forced option leaves formats it does not serve on auto
     assert choose("nvfp4", gpu((9, 0)), "fp8_matmul").path == "dequant"
-    # kitchen matmul never on CPU or Hopper
-    for caps in (CPU, gpu((9, 0)), gpu((10, 0), cuda=(12, 8))):
+    # kitchen matmul never on CPU or Hopper, nor on Blackwell when kitchen lists no GPU backend
+    for caps in (CPU, gpu((9, 0)), gpu((10, 0), kitchen_cuda=False)):
         with pytest.raises(WanquantError):
             validate_option("kitchen_matmul", caps)
     assert choose("mxfp8", gpu((10, 0)), "kitchen_matmul").path == "kitchen_matmul"
@@ -161,5 +174,5 @@ def test_plan_uses_the_probe_function(monkeypatch):
 
 def test_real_probe_on_this_machine():
     caps = policy.probe_device("cpu")
-    assert caps.device_type == "cpu" and caps.sm is None and not caps.kitchen_cuda
+    assert caps.device_type == "cpu" and caps.sm is None and not caps.kitchen_gpu_ops
     assert caps.torch_version >= (2, 0)

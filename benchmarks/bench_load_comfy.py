@@ -1,0 +1,236 @@
+"""Loading a 14B-shaped Wan checkpoint into ComfyUI: wanquant's loader vs stock ComfyUI.
+
+What a user on a 24-32 GB PC feels is the *private* memory a load pins (pages that are not
+backed by the file and cannot be dropped under pressure) and the wall time. This builds
+kijai-style scaled-fp8 checkpoints with real Wan2.1-14B layer shapes (dim 5120, ffn 13824,
+native keys, ``.scale_weight`` siblings and the ``scaled_fp8`` marker) at two sizes, plus the
+same weights under diffusers keys (WorldStereo-style, needs remapping), and loads each in a
+fresh process with:
+
+* ``stock``: ``comfy.sd.load_diffusion_model`` (the core *Load Diffusion Model* node);
+* ``auto`` / ``comfy_native``: wanquant's ``load_wan_model`` with that op policy;
+* ``diffusers``: wanquant ``auto`` on the diffusers-keyed file.
+
+Per case: wall time, peak RSS growth and peak private growth (``/proc/self/smaps_rollup``
+Private_Clean + Private_Dirty, sampled every 5 ms in the loading process) over the process after
+its imports, and private memory still held after the load. Each number is the median of
+``--runs`` fresh processes; ratios are against stock in the same run.
+
+Runs when ComfyUI is importable (``COMFYUI_PATH`` set, run with ComfyUI's python); prints a
+clear skip otherwise. Linux only (``/proc``).
+
+    COMFYUI_PATH=... $COMFY_PY -m wanquant.benchmarks.bench_load_comfy [--sizes 2 6] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+DIM, FFN, TEXT, FREQ = 5120, 13824, 4096, 256
+CASES = ("stock", "auto", "comfy_native", "diffusers")
+
+
+# ---------------------------------------------------------------------- checkpoint builder
+
+def _block_tensors(b: int):
+    """(key, shape, dtype) of one Wan-14B block in kijai scaled-fp8 form."""
+    p = f"blocks.{b}"
+    out = []
+    for att in ("self_attn", "cross_attn"):
+        for m in ("q", "k", "v", "o"):
+            out += [(f"{p}.{att}.{m}.weight", (DIM, DIM), torch.float8_e4m3fn),
+                    (f"{p}.{att}.{m}.bias", (DIM,), torch.bfloat16),
+                    (f"{p}.{att}.{m}.scale_weight", (), torch.float32)]
+        out += [(f"{p}.{att}.norm_q.weight", (DIM,), torch.bfloat16),
+                (f"{p}.{att}.norm_k.weight", (DIM,), torch.bfloat16)]
+    out += [(f"{p}.norm3.weight", (DIM,), torch.bfloat16), (f"{p}.norm3.bias", (DIM,), torch.bfloat16),
+            (f"{p}.ffn.0.weight", (FFN, DIM), torch.float8_e4m3fn), (f"{p}.ffn.0.bias", (FFN,), torch.bfloat16),
+            (f"{p}.ffn.0.scale_weight", (), torch.float32),
+            (f"{p}.ffn.2.weight", (DIM, FFN), torch.float8_e4m3fn), (f"{p}.ffn.2.bias", (DIM,), torch.bfloat16),
+            (f"{p}.ffn.2.scale_weight", (), torch.float32),
+            (f"{p}.modulation", (1, 6, DIM), torch.bfloat16)]
+    return out
+
+
+def _top_tensors():
+    t = [("patch_embedding.weight", (DIM, 16, 1, 2, 2), torch.bfloat16), ("patch_embedding.bias", (DIM,), torch.bfloat16)]
+    for name, o, i in (("text_embedding.0", DIM, TEXT), ("text_embedding.2", DIM, DIM), ("time_embedding.0", DIM, FREQ),
+                       ("time_embedding.2", DIM, DIM), ("time_projection.1", DIM * 6, DIM), ("head.head", 64, DIM)):
+        t += [(f"{name}.weight", (o, i), torch.bfloat16), (f"{name}.bias", (o,), torch.bfloat16)]
+    t += [("head.modulation", (1, 2, DIM), torch.bfloat16), ("scaled_fp8", (), torch.bfloat16)]
+    return t
+
+
+def _random(shape, dtype, gen):
+    if dtype in (torch.float8_e4m3fn,):
+        u = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+        return u.bitwise_and_(0xBF).view(dtype)  # clear bit 6: finite values |x| <= 0.5ish, never NaN
+    if shape == ():
+        return torch.tensor(0.01, dtype=dtype)
+    return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+
+
+def build(path: Path, gib: float, diffusers: bool) -> Path:
+    """A native or diffusers-keyed Wan-14B-shaped scaled-fp8 file of about ``gib`` GiB."""
+    from ..loaders.keymap import native_to_diffusers
+    from ..loaders.writer import write_safetensors
+
+    if path.exists():
+        return path
+    per_block = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, s, d in _block_tensors(0))
+    blocks = max(1, round(gib * 2**30 / per_block))
+    specs = _top_tensors() + [t for b in range(blocks) for t in _block_tensors(b)]
+    gen = torch.Generator().manual_seed(0)
+    name = (lambda k: native_to_diffusers(k)[0]) if diffusers else (lambda k: k)
+    items = [(name(k), s, d, (lambda s=s, d=d: _random(s, d, gen))) for k, s, d in specs]
+    write_safetensors(path, items)
+    return path
+
+
+# ---------------------------------------------------------------------- one measured load
+
+def _private_kib() -> int:
+    total = 0
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:", "Private_Hugetlb:")):
+                total += int(line.split()[1])
+    return total
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class _Peak(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.stop = threading.Event()
+        self.private = self.rss = 0
+
+    def run(self):
+        while not self.stop.is_set():
+            self.private = max(self.private, _private_kib())
+            self.rss = max(self.rss, _rss_kib())
+            time.sleep(0.005)
+
+
+def child(case: str, file: str) -> dict:
+    """Import ComfyUI, then load ``file`` the way ``case`` says; return the measurements."""
+    comfy_path = os.environ["COMFYUI_PATH"]
+    sys.path.insert(0, comfy_path)
+    stubs = os.environ.get("WANQUANT_COMFY_STUBS")
+    if stubs:
+        sys.path.insert(0, stubs)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.model_management  # noqa: F401
+    import comfy.sd
+
+    from ..nodes.bridge import load_wan_model
+
+    import gc
+    gc.collect()
+    base_priv, base_rss = _private_kib(), _rss_kib()
+    peak = _Peak()
+    peak.start()
+    t0 = time.perf_counter()
+    if case == "stock":
+        model = comfy.sd.load_diffusion_model(file)
+    else:
+        policy = "comfy_native" if case == "comfy_native" else "auto"
+        model = load_wan_model(file, policy=policy).patcher
+    wall = time.perf_counter() - t0
+    gc.collect()
+    held = _private_kib() - base_priv
+    peak.stop.set()
+    peak.join()
+    assert model is not None
+    return {"case": case, "wall_s": wall, "peak_private_mib": (peak.private - base_priv) / 1024,
+            "held_private_mib": held / 1024, "peak_rss_mib": (peak.rss - base_rss) / 1024,
+            "fds": len(os.listdir("/proc/self/fd"))}
+
+
+# ---------------------------------------------------------------------- driver
+
+def _comfy_ok() -> str | None:
+    path = os.environ.get("COMFYUI_PATH")
+    if not path or not Path(path, "main.py").is_file():
+        return "COMFYUI_PATH is not set to a ComfyUI checkout"
+    probe = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from comfy.cli_args import args; "
+                            "args.cpu = True; import comfy.sd",
+                            path], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                               p for p in (os.environ.get("WANQUANT_COMFY_STUBS", ""), os.environ.get("PYTHONPATH", "")) if p)})
+    if probe.returncode:
+        return f"ComfyUI is not importable from {sys.executable}: {probe.stderr.strip().splitlines()[-1:]}"
+    return None
+
+
+def _run_child(case: str, file: Path) -> dict:
+    env = dict(os.environ)
+    stubs = env.get("WANQUANT_COMFY_STUBS")
+    if stubs:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (stubs, env.get("PYTHONPATH", "")) if p)
+    out = subprocess.run([sys.executable, "-m", "wanquant.benchmarks.bench_load_comfy", "--child", case, str(file)],
+                         capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"{case} on {file.name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=float, nargs="+", default=[2.0, 6.0], help="checkpoint sizes in GiB")
+    ap.add_argument("--runs", type=int, default=3, help="fresh processes per case (median reported)")
+    ap.add_argument("--dir", default="bench_out/load_comfy", help="where the checkpoints are built (kept)")
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    ap.add_argument("--child", nargs=2, metavar=("CASE", "FILE"), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        print(json.dumps(child(*a.child)))
+        return 0
+    why = _comfy_ok()
+    if why:
+        print(f"bench_load_comfy: skipped: {why}")
+        return 0
+    folder = Path(a.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"{'size':>6} {'case':<13} {'wall s':>7} {'x stock':>7} {'peak priv MiB':>13} {'- stock':>8} "
+          f"{'held MiB':>9} {'peak RSS MiB':>12} {'fds':>4}")
+    for gib in a.sizes:
+        files = {False: build(folder / f"wan14b_scaled_fp8_{gib:g}gib.safetensors", gib, False)}
+        if "diffusers" in a.cases:
+            files[True] = build(folder / f"wan14b_scaled_fp8_{gib:g}gib_diffusers.safetensors", gib, True)
+        med = {}
+        for _ in range(a.runs):  # interleaved, so drift in machine load hits every case alike
+            for case in a.cases:
+                med.setdefault(case, []).append(_run_child(case, files[case == "diffusers"]))
+        stock = {k: statistics.median(r[k] for r in med["stock"]) for k in med["stock"][0] if k != "case"} \
+            if "stock" in med else None
+        for case, rows in med.items():
+            m = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "case"}
+            ratio = f"{m['wall_s'] / stock['wall_s']:.2f}" if stock else "-"
+            over = f"{m['peak_private_mib'] - stock['peak_private_mib']:+.0f}" if stock else "-"
+            print(f"{gib:>5g}G {case:<13} {m['wall_s']:>7.2f} {ratio:>7} {m['peak_private_mib']:>13.0f} {over:>8} "
+                  f"{m['held_private_mib']:>9.0f} {m['peak_rss_mib']:>12.0f} {m['fds']:>4.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
