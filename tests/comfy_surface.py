@@ -48,6 +48,7 @@ NAMES: dict[str, Use] = {
     "comfy_kitchen.tensor.QuantizedLayout": Use(),
     "comfy_kitchen.tensor.register_layout_class": Use(2),
     # LoRA and pose nodes
+    "comfy.utils.load_torch_file": Use(1),
     "comfy.utils.ProgressBar": Use(1),
     "comfy.utils.get_attr": Use(2),
     "comfy.utils.common_upscale": Use(5),
@@ -81,14 +82,19 @@ NAMES: dict[str, Use] = {
 
 # Members of objects ComfyUI hands us (no import names them, so the source check only makes sure each
 # is still used): ModelPatcher methods (with their positional counts) and attributes, and the attributes
-# of mixed_precision_ops' Linear that we read, or set for ComfyUI's own code to read.
+# of mixed_precision_ops' Linear and of the BaseModel that we read, or set for ComfyUI's own code to read.
 PATCHER_METHODS = {"model_state_dict": 0, "clone": 0, "get_model_object": 1, "add_object_patch": 2,
                    "add_weight_wrapper": 2, "add_patches": 2, "set_model_compute_dtype": 1}
-PATCHER_ATTRS = ("model", "patches", "object_patches", "cached_patcher_init")
+PATCHER_ATTRS = ("model", "patches", "object_patches", "cached_patcher_init", "load_device")
+# comfy.model_base.BaseModel (patcher.model): a method we call, and an attribute we set that ComfyUI reads
+MODEL_METHODS = {"get_dtype_inference": 0}
+MODEL_FLAGS_COMFY_READS = ("manual_cast_dtype",)
 LINEAR_ATTRS = ("factory_kwargs", "weight_function", "bias_function")        # read on every instance
 LINEAR_FLAGS_COMFY_READS = ("_full_precision_mm", "quant_format", "layout_type", "comfy_force_cast_weights")
 QTENSOR_ATTRS = ("_qdata", "_params", "layout_cls")
-# methods our ComfyUI subclasses define that no ComfyUI base has (our own helpers, called only by us)
+# methods our ComfyUI subclasses define that no ComfyUI base has (our own helpers, called only by us):
+# those named OWN_PREFIX..., plus these; any other method must override one of ComfyUI's
+OWN_PREFIX = "_wq_"
 OWN_METHODS = {"_load_fp4_g32"}
 
 

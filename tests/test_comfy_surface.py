@@ -26,7 +26,8 @@ def test_listed_call_shapes_match_the_calls_in_the_source():
 
 def test_listed_members_are_still_used():
     text = "\n".join(p.read_text() for p in surface.source_files())
-    members = [*surface.PATCHER_METHODS, *surface.PATCHER_ATTRS, *surface.LINEAR_ATTRS,
+    members = [*surface.PATCHER_METHODS, *surface.PATCHER_ATTRS, *surface.MODEL_METHODS, *surface.MODEL_FLAGS_COMFY_READS,
+               *surface.LINEAR_ATTRS,
                *surface.LINEAR_FLAGS_COMFY_READS, *surface.QTENSOR_ATTRS, *surface.OWN_METHODS]
     for use in surface.NAMES.values():
         members += [*use.kwargs, *use.probed]

@@ -99,6 +99,19 @@ def test_model_patcher_members(comfy):
         assert not problems, f"ModelPatcher.{method}{_sig(getattr(patcher, method))}: " + "; ".join(problems)
 
 
+def test_base_model_members(comfy):
+    import comfy.model_base
+
+    for method, nargs in surface.MODEL_METHODS.items():
+        fn = getattr(comfy.model_base.BaseModel, method, None)
+        assert callable(fn), f"comfy.model_base.BaseModel has no method {method!r}"
+        problems = call_problems(fn, nargs + 1)  # + self
+        assert not problems, f"BaseModel.{method}{_sig(fn)}: " + "; ".join(problems)
+    source = inspect.getsource(comfy.model_base)
+    for flag in surface.MODEL_FLAGS_COMFY_READS:
+        assert f"self.{flag}" in source, f"comfy/model_base.py no longer reads {flag!r}, which the bridge sets for it"
+
+
 def test_mixed_precision_linear_members(comfy):
     import comfy.ops
 
@@ -144,7 +157,7 @@ def test_every_override_exists_on_comfyuis_base_with_parameters_we_accept(comfy)
     problems = []
     for cls in _our_subclasses():
         for name, value in cls.__dict__.items():
-            if (name.startswith("__") or name in surface.OWN_METHODS or isinstance(value, type)
+            if (name.startswith(("__", surface.OWN_PREFIX)) or name in surface.OWN_METHODS or isinstance(value, type)
                     or not callable(getattr(cls, name))):
                 continue
             base = _comfy_base_with(cls, name)
