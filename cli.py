@@ -29,7 +29,8 @@ def format_report(rep) -> str:
 def cmd_inspect(args) -> int:
     from .loaders.canonical import load_canonical
 
-    with load_canonical(args.path, nibble_order=args.nibble_order, collect_errors=True) as model:
+    with load_canonical(args.path, nibble_order=args.nibble_order, nvfp4_scale_layout=args.nvfp4_scale_layout,
+                        collect_errors=True) as model:
         rep = model.report
     if args.json:
         print(json.dumps(rep.to_json(), indent=1))
@@ -46,7 +47,7 @@ def cmd_convert(args) -> int:
     progress, close = tqdm_progress("convert")
     try:
         result = convert(args.src, args.dst, base=args.base, to=args.to, nibble_order=args.nibble_order,
-                         progress=progress)
+                         nvfp4_scale_layout=args.nvfp4_scale_layout, progress=progress)
     finally:
         close()
     print(format_report(result.report))
@@ -88,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("path", help="a .safetensors/.pth file, a *.index.json or a model folder")
     pi.add_argument("--json", action="store_true", help="print one JSON object")
     pi.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto",
-                    help="FP4 group-32 packing (default: quantize_config.json, else low_first)")
+                    help="FP4 group-32 packing (auto: quantize_config.json, else decided from the weights; "
+                         "low_first with a warning when they cannot tell)")
+    pi.add_argument("--nvfp4-scale-layout", choices=["auto", "blocked", "row_major"], default="auto",
+                    help="block-scale layout of NVFP4 layers without comfy_quant (auto: from shapes, else "
+                         "from the scales; refused when they cannot tell)")
     pi.set_defaults(func=cmd_inspect)
 
     pc = sub.add_parser("convert", help="write ComfyUI's native format (loads in stock ComfyUI's UNETLoader)")
@@ -97,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--base", help="base model to overlay a partial finetune on (e.g. Vista4D on Wan2.1-T2V-14B)")
     pc.add_argument("--to", choices=["bf16", "float8_e4m3fn", "nvfp4"], default="float8_e4m3fn",
                     help="target for FP4 group-32 layers, which stock ComfyUI cannot load (default float8_e4m3fn)")
-    pc.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto")
+    pc.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto",
+                    help="FP4 group-32 packing (as for inspect)")
+    pc.add_argument("--nvfp4-scale-layout", choices=["auto", "blocked", "row_major"], default="auto",
+                    help="NVFP4 block-scale layout without comfy_quant (as for inspect)")
     pc.set_defaults(func=cmd_convert)
 
     sub.add_parser("remap", parents=[], add_help=True,

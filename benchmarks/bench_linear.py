@@ -2,6 +2,10 @@
 
     python -m wanquant.benchmarks.bench_linear            # GPU if present, else CPU (small M)
     python -m wanquant.benchmarks.bench_linear --m 512 --device cpu
+    python -m wanquant.benchmarks.bench_linear --quick    # one shape, M=128 on CPU: ~1 minute
+
+Every time is the median of ``--reps`` calls (default 3 on CPU, 10 on GPU) after warm-up; the
+default CPU run (3 shapes, 4 formats, M=512) takes ~5-8 minutes on 2 cores.
 
 Shapes: x [M, K] through q/k/v/o (5120x5120) and the FFN (5120->13824, 13824->5120); on a GPU
 M = 32760 (81 frames 480x832 after patching). Per path: time as a ratio to bf16 dense F.linear
@@ -20,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.formats import get_format
-from ..ops.linear import linear_dequant, linear_fp8_scaled_mm, linear_kitchen
+from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
 from ..ops.policy import choose, probe_device
 
-SHAPES = {"qkvo 5120x5120": (5120, 5120), "ffn.0 5120->13824": (13824, 5120), "ffn.2 13824->5120": (5120, 13824)}
+SHAPES = {"qkvo": (5120, 5120), "ffn0": (13824, 5120), "ffn2": (5120, 13824)}  # name -> (N, K)
+SHAPE_LABELS = {"qkvo": "q/k/v/o 5120x5120", "ffn0": "ffn.0 5120->13824", "ffn2": "ffn.2 13824->5120"}
 FORMATS = ("float8_e4m3fn", "nvfp4", "mxfp8", "fp4_g32")
 REF_ROWS = 128
 
@@ -43,7 +48,7 @@ def timed(fn, dev, warmup, reps):
         fn()
         _sync(dev)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) if dev.type == "cuda" else min(times)
+    return statistics.median(times)
 
 
 def peak_extra(fn, dev):
@@ -68,15 +73,22 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--m", type=int, default=None, help="activation rows (default 32760 GPU, 512 CPU)")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of shape names")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per path (median; at least 3)")
+    ap.add_argument("--shapes", default=",".join(SHAPES),
+                    help="comma list of: " + ", ".join(f"{k} ({v})" for k, v in SHAPE_LABELS.items()))
+    ap.add_argument("--quick", action="store_true", help="only 'qkvo' and M=128 on CPU (~1 minute on 2 cores)")
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--cpu-fp8-matmul", action="store_true", help="also time the emulated fp8 matmul on CPU")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     gpu = dev.type == "cuda"
-    m = args.m or (32760 if gpu else 512)
-    reps = args.reps or (10 if gpu else 3)
+    if args.quick:
+        args.shapes = "qkvo"
+    m = args.m or (32760 if gpu else (128 if args.quick else 512))
+    reps = max(3, args.reps or (10 if gpu else 3))
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        ap.error(f"unknown shape {unknown[0]!r}; choose from {', '.join(SHAPES)}")
     caps = probe_device(dev)
     print(f"device: {caps.describe()}  torch {torch.__version__}  M={m}  threads={torch.get_num_threads()}")
     compute = torch.bfloat16 if gpu else torch.float32
@@ -94,7 +106,7 @@ def main(argv=None):
             wf = w.float()
             base["fp32"] = timed(lambda: F.linear(xf, wf), dev, 1, reps)
             del wf
-        print(f"\n{sname}: bf16 dense {t_bf16 * 1e3:.2f} ms" +
+        print(f"\n{SHAPE_LABELS[sname]}: bf16 dense {t_bf16 * 1e3:.2f} ms" +
               (f", fp32 dense {base['fp32'] * 1e3:.2f} ms" if "fp32" in base else ""))
         xin = xb if gpu else xf
         for fmt in args.formats.split(","):
@@ -111,7 +123,7 @@ def main(argv=None):
                 paths["fp8_matmul scale=1 (ComfyUI)"] = lambda: linear_fp8_scaled_mm(
                     xin, t["weight"], t["weight_scale"], input_scale=torch.tensor(1.0, device=dev))
             if fmt in ("nvfp4", "mxfp8") and choose(fmt, caps).path == "kitchen_matmul":
-                paths["kitchen_matmul"] = lambda: linear_kitchen(xin, fmt, t, None, conf)
+                paths["kitchen_matmul (ComfyUI's layout)"] = _kitchen_linear(xin, fmt, w)
             print(f"  {fmt}: weight rel err {werr:.4f}; bf16 dense (same W) output rel err {bf_err:.5f}")
             for pname, fn in paths.items():
                 try:
@@ -130,6 +142,15 @@ def main(argv=None):
         if gpu:
             torch.cuda.empty_cache()
     return rows
+
+
+def _kitchen_linear(x, fmt, w):
+    """The path ComfyUI's own forward runs for NVFP4/MXFP8 on SM 10+: ``F.linear`` on a
+    comfy-kitchen ``QuantizedTensor`` of ComfyUI's layout (kitchen quantizes the activations)."""
+    from comfy_kitchen.tensor import QuantizedTensor
+
+    qt = QuantizedTensor.from_float(w.to(x.dtype), {"nvfp4": "TensorCoreNVFP4Layout", "mxfp8": "TensorCoreMXFP8Layout"}[fmt])
+    return lambda: F.linear(x, qt)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ fresh process with:
 * ``auto`` / ``comfy_native``: wanquant's ``load_wan_model`` with that op policy;
 * ``diffusers``: wanquant ``auto`` on the diffusers-keyed file.
 
+Two ComfyUI load modes: ``legacy`` (what a CPU or non-DynamicVRAM ComfyUI does: the state dict
+is copied into the model's own parameters) and ``assign`` (what ComfyUI >= 0.33 with DynamicVRAM
+does on NVIDIA: ``load_state_dict(assign=True)``, the model keeps the tensors it is handed, so
+file-backed tensors stay file-backed). DynamicVRAM itself needs a GPU; ``assign`` reproduces its
+load step on CPU by making ``ModelPatcher.is_dynamic`` true, nothing else.
+
 Per case: wall time, peak RSS growth and peak private growth (``/proc/self/smaps_rollup``
 Private_Clean + Private_Dirty, sampled every 5 ms in the loading process) over the process after
 its imports, and private memory still held after the load. Each number is the median of
@@ -129,7 +135,7 @@ class _Peak(threading.Thread):
             time.sleep(0.005)
 
 
-def child(case: str, file: str) -> dict:
+def child(case: str, file: str, mode: str = "legacy") -> dict:
     """Import ComfyUI, then load ``file`` the way ``case`` says; return the measurements."""
     comfy_path = os.environ["COMFYUI_PATH"]
     sys.path.insert(0, comfy_path)
@@ -140,7 +146,11 @@ def child(case: str, file: str) -> dict:
 
     args.cpu = True
     import comfy.model_management  # noqa: F401
+    import comfy.model_patcher
     import comfy.sd
+
+    if mode == "assign":  # DynamicVRAM's load step: the model keeps the tensors it is given
+        comfy.model_patcher.ModelPatcher.is_dynamic = lambda self: True
 
     from ..nodes.bridge import load_wan_model
 
@@ -182,16 +192,32 @@ def _comfy_ok() -> str | None:
     return None
 
 
-def _run_child(case: str, file: Path) -> dict:
+def _run_child(case: str, file: Path, mode: str) -> dict:
     env = dict(os.environ)
     stubs = env.get("WANQUANT_COMFY_STUBS")
     if stubs:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (stubs, env.get("PYTHONPATH", "")) if p)
-    out = subprocess.run([sys.executable, "-m", "wanquant.benchmarks.bench_load_comfy", "--child", case, str(file)],
+    out = subprocess.run([sys.executable, "-m", "wanquant.benchmarks.bench_load_comfy", "--child", case, str(file), mode],
                          capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(f"{case} on {file.name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _report(gib: float, mode: str, files: dict, a) -> None:
+    med: dict[str, list[dict]] = {}
+    for _ in range(a.runs):  # interleaved, so drift in machine load hits every case alike
+        for case in a.cases:
+            med.setdefault(case, []).append(_run_child(case, files[case == "diffusers"], mode))
+    stock = {k: statistics.median(r[k] for r in med["stock"]) for k in med["stock"][0] if k != "case"} \
+        if "stock" in med else None
+    size = files[False].stat().st_size / 2**30
+    for case, rows in med.items():
+        m = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "case"}
+        ratio = f"{m['wall_s'] / stock['wall_s']:.2f}" if stock else "-"
+        over = f"{m['peak_private_mib'] - stock['peak_private_mib']:+.0f}" if stock else "-"
+        print(f"{size:>5.2f}G {mode:<7} {case:<13} {m['wall_s']:>7.2f} {ratio:>7} {m['peak_private_mib']:>13.0f} "
+              f"{over:>8} {m['held_private_mib']:>9.0f} {m['peak_rss_mib']:>12.0f} {m['fds']:>4.0f}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -200,7 +226,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="fresh processes per case (median reported)")
     ap.add_argument("--dir", default="bench_out/load_comfy", help="where the checkpoints are built (kept)")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
-    ap.add_argument("--child", nargs=2, metavar=("CASE", "FILE"), help=argparse.SUPPRESS)
+    ap.add_argument("--modes", nargs="+", default=["legacy", "assign"], choices=["legacy", "assign"])
+    ap.add_argument("--child", nargs=3, metavar=("CASE", "FILE", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         print(json.dumps(child(*a.child)))
@@ -211,24 +238,14 @@ def main(argv=None) -> int:
         return 0
     folder = Path(a.dir)
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"{'size':>6} {'case':<13} {'wall s':>7} {'x stock':>7} {'peak priv MiB':>13} {'- stock':>8} "
+    print(f"{'size':>6} {'mode':<7} {'case':<13} {'wall s':>7} {'x stock':>7} {'peak priv MiB':>13} {'- stock':>8} "
           f"{'held MiB':>9} {'peak RSS MiB':>12} {'fds':>4}")
     for gib in a.sizes:
         files = {False: build(folder / f"wan14b_scaled_fp8_{gib:g}gib.safetensors", gib, False)}
         if "diffusers" in a.cases:
             files[True] = build(folder / f"wan14b_scaled_fp8_{gib:g}gib_diffusers.safetensors", gib, True)
-        med = {}
-        for _ in range(a.runs):  # interleaved, so drift in machine load hits every case alike
-            for case in a.cases:
-                med.setdefault(case, []).append(_run_child(case, files[case == "diffusers"]))
-        stock = {k: statistics.median(r[k] for r in med["stock"]) for k in med["stock"][0] if k != "case"} \
-            if "stock" in med else None
-        for case, rows in med.items():
-            m = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "case"}
-            ratio = f"{m['wall_s'] / stock['wall_s']:.2f}" if stock else "-"
-            over = f"{m['peak_private_mib'] - stock['peak_private_mib']:+.0f}" if stock else "-"
-            print(f"{gib:>5g}G {case:<13} {m['wall_s']:>7.2f} {ratio:>7} {m['peak_private_mib']:>13.0f} {over:>8} "
-                  f"{m['held_private_mib']:>9.0f} {m['peak_rss_mib']:>12.0f} {m['fds']:>4.0f}")
+        for mode in a.modes:
+            _report(gib, mode, files, a)
     return 0
 
 

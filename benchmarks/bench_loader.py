@@ -8,9 +8,10 @@ with Wan-14B block shapes at two sizes, then times in fresh subprocesses:
 
 It prints the time ratio (target ≤ 1.3) and the peak RSS above the RSS after imports (target
 ≤ 1 GB and independent of the file size), plus ``inspect`` time on a 14B-sized header (target
-< 2 s, built as a sparse file so it costs no disk).
+< 2 s, built as a sparse file so it costs no disk). Every number is the median of ``--runs``
+(default 3) fresh processes per side, the two sides interleaved so machine noise hits both.
 
-    python -m wanquant.benchmarks.bench_loader [--sizes-gb 1 4] [--dir /tmp/wq-bench]
+    python -m wanquant.benchmarks.bench_loader [--sizes-gb 1 4] [--runs 3] [--dir /tmp/wanquant-bench]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -109,7 +111,7 @@ def _drop(path: Path) -> None:
         path.unlink()
 
 
-def inspect_14b_header(folder: Path) -> float:
+def inspect_14b_header(folder: Path, runs: int = 3) -> float:
     """A 14B-shaped native fp8 file as a sparse file (only header and scales written); time inspect."""
     import torch
 
@@ -145,11 +147,15 @@ def inspect_14b_header(folder: Path) -> float:
             f.seek(start + pos)
             f.write(torch.tensor(1e-3, dtype=torch.float32).numpy().tobytes())
         f.truncate(start + off)  # sparse: the weights occupy no disk
-    t0 = time.perf_counter()
-    rep = load_canonical(path, collect_errors=True).report
-    dt = time.perf_counter() - t0
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        with load_canonical(path, collect_errors=True) as model:
+            rep = model.report
+        times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
     print(f"inspect on a 14B-shaped header ({off / 2**30:.1f} GiB logical, {rep.formats['float8_e4m3fn']} fp8 "
-          f"layers): {dt:.2f} s (target < 2 s)")
+          f"layers): {dt:.2f} s, median of {runs} (target < 2 s)")
     _drop(path)
     return dt
 
@@ -157,20 +163,24 @@ def inspect_14b_header(folder: Path) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes-gb", type=float, nargs="+", default=[1.0, 4.0])
+    ap.add_argument("--runs", type=int, default=3, help="fresh processes per side (median reported; >= 3)")
     ap.add_argument("--dir", default="/tmp/wanquant-bench")
     args = ap.parse_args(argv)
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
-    inspect_14b_header(root)
+    inspect_14b_header(root, args.runs)
     print(f"{'size':>8} {'plain s':>9} {'convert s':>10} {'ratio':>6} {'plain ΔRSS':>11} {'convert ΔRSS':>13}")
     for size in args.sizes_gb:
         src_dir = root / f"src_{size:g}GB"
         idx = build_vista4d_like(src_dir, size)
         real = sum(p.stat().st_size for p in src_dir.glob("*.safetensors"))
-        plain = _child("plain", idx, root / "plain_out")
-        _drop(root / "plain_out")
-        conv = _child("convert", idx, root / "converted.safetensors")
-        _drop(root / "converted.safetensors")
+        runs = {"plain": [], "convert": []}
+        for _ in range(args.runs):  # interleaved
+            runs["plain"].append(_child("plain", idx, root / "plain_out"))
+            _drop(root / "plain_out")
+            runs["convert"].append(_child("convert", idx, root / "converted.safetensors"))
+            _drop(root / "converted.safetensors")
+        plain, conv = ({k: statistics.median(r[k] for r in rs) for k in rs[0]} for rs in runs.values())
         gib = 2**30
         print(f"{real / gib:7.2f}G {plain['seconds']:9.2f} {conv['seconds']:10.2f} "
               f"{conv['seconds'] / plain['seconds']:6.2f} {(plain['peak_rss'] - plain['base_rss']) / gib:10.2f}G "

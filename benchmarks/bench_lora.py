@@ -15,15 +15,18 @@ Linears per block), for each quantized format:
   weight plus the exact LoRA, i.e. only the base model's quantization error).
 
 ComfyUI's side runs only when ``comfy`` imports (run with ComfyUI's python and COMFYUI_PATH set);
-otherwise only wanquant's numbers are printed. CPU timings are noisy: read the ratios.
+otherwise only wanquant's numbers are printed. Each layer's merge is timed ``--reps`` times per
+side (median). CPU timings are noisy: read the ratios. The default (one block, four formats,
+3 reps) takes ~10 minutes on 2 CPU cores; ``--quick`` (two Linears per block, 1 rep) ~1 minute.
 
-    $COMFY_PY -m wanquant.benchmarks.bench_lora [--blocks 1] [--formats float8_e4m3fn nvfp4 mxfp8 fp4_g32]
+    $COMFY_PY -m wanquant.benchmarks.bench_lora [--quick] [--blocks 1] [--reps 3] [--formats float8_e4m3fn nvfp4 mxfp8 fp4_g32]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -51,15 +54,17 @@ def _comfy():
         from comfy.quant_ops import QuantizedTensor
         from comfy.weight_adapter import LoRAAdapter
     except Exception as exc:  # noqa: BLE001 - any failure means "not available here"
-        print(f"(ComfyUI not importable: {type(exc).__name__}: {str(exc)[:120]}; timing wanquant only)")
+        print(f"(ComfyUI not importable: {type(exc).__name__}: {str(exc)[:120]}; timing wanquant only. "
+              f"For the comparison run with ComfyUI's python and COMFYUI_PATH set, e.g. "
+              f"`COMFYUI_PATH=/path/to/ComfyUI $COMFY_PY -m wanquant.benchmarks.bench_lora`)")
         return None
     return comfy.lora, QuantizedTensor, LoRAAdapter
 
 
-def _layers(blocks: int, seed: int = 0):
+def _layers(blocks: int, seed: int = 0, linears=BLOCK_LINEARS):
     g = torch.Generator().manual_seed(seed)
     for b in range(blocks):
-        for name, o, i in BLOCK_LINEARS:
+        for name, o, i in linears:
             w = (torch.randn(o, i, generator=g) / i ** 0.5).to(torch.bfloat16)
             # a distill-LoRA-sized change: ‖ΔW‖ about 10% of ‖W‖
             up = (torch.randn(o, RANK, generator=g) * (0.1 / (i * RANK) ** 0.5)).to(torch.bfloat16)
@@ -71,7 +76,17 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref).norm() / ref.norm())
 
 
-def run(blocks: int, formats: list[str], strength: float) -> list[dict]:
+def _median_time(fn, reps: int):
+    """(median seconds of ``reps`` calls, the last call's result)."""
+    times, out = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def run(blocks: int, formats: list[str], strength: float, reps: int = 3, linears=BLOCK_LINEARS) -> list[dict]:
     from wanquant.loaders.lora import LoraPatch
     from wanquant.loaders.lora_merge import comfy_seed, merge_quantized, total_delta
     from wanquant.ops.formats import get_format
@@ -87,32 +102,38 @@ def run(blocks: int, formats: list[str], strength: float) -> list[dict]:
             err[kind][0] += float((got.double() - ref).pow(2).sum())
             err[kind][1] += float(ref.pow(2).sum())
 
-        for key, w, up, down in _layers(blocks):
+        for key, w, up, down in _layers(blocks, linears=linears):
             patch = LoraPatch(key, "lora", (key,), up=up, down=down, alpha=float(RANK), scale=1.0)
             ref = w.double() + strength * (up.double() @ down.double())
             tensors, conf = fmt.quantize(w.float())  # the quantized model as loaded
-            t0 = time.perf_counter()
-            delta = total_delta([(patch, strength)], tuple(w.shape))
-            new, new_conf, _ = merge_quantized(fmt_name, tensors, conf, delta, key=key)
-            acc["ours_s"] += time.perf_counter() - t0
+
+            def ours():
+                delta = total_delta([(patch, strength)], tuple(w.shape))
+                return merge_quantized(fmt_name, tensors, conf, delta, key=key)
+
+            dt, (new, new_conf, _) = _median_time(ours, reps)
+            acc["ours_s"] += dt
             add("ours", fmt.dequantize(new, torch.float32, new_conf), ref)
             add("on_the_fly", fmt.dequantize(tensors, torch.float32, conf).double() + (ref - w.double()), ref)
             rt, rconf = fmt.quantize(ref.float())
             add("rtn_of_ref", fmt.dequantize(rt, torch.float32, rconf), ref)
-            del new, delta, rt
+            del new, rt
             if comfy is not None and fmt_name in COMFY_LAYOUT:
                 lora_mod, QT, LoRAAdapter = comfy
                 qt = QT.from_float(w.float(), COMFY_LAYOUT[fmt_name])
                 adapter = LoRAAdapter({key}, (up, down, float(RANK), None, None, None))
-                with torch.inference_mode():
-                    t0 = time.perf_counter()
+
+                def comfy_patch():
                     temp = qt.to(torch.float32, copy=True).dequantize()  # convert_weight
                     out = lora_mod.calculate_weight([(strength, adapter, 1.0, None, None)], temp, key)
-                    new_qt = qt.requantize_from_float(out, scale="recalculate",
-                                                      stochastic_rounding=comfy_seed(key), inplace_ops=True)
-                    acc["comfy_s"] += time.perf_counter() - t0
+                    return qt.requantize_from_float(out, scale="recalculate",
+                                                    stochastic_rounding=comfy_seed(key), inplace_ops=True)
+
+                with torch.inference_mode():
+                    dt, new_qt = _median_time(comfy_patch, reps)
+                acc["comfy_s"] += dt
                 add("comfy", new_qt.dequantize().float(), ref)
-                del qt, temp, out, new_qt
+                del qt, new_qt
             acc["n"] += 1
         row = {"format": fmt_name, "layers": acc["n"], "ours_s": acc["ours_s"],
                "comfy_s": acc["comfy_s"] if comfy is not None and fmt_name in COMFY_LAYOUT else None}
@@ -127,11 +148,18 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", type=int, default=1, help="Wan-14B blocks to build (times are scaled to 40)")
     p.add_argument("--formats", nargs="+", default=["float8_e4m3fn", "nvfp4", "mxfp8", "fp4_g32"])
     p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--reps", type=int, default=3, help="timed merges per layer and side (median)")
+    p.add_argument("--quick", action="store_true",
+                   help="two Linears per block (self_attn.q, ffn.0) and 1 rep: ~1 minute on 2 cores")
     a = p.parse_args(argv)
-    print(f"rank-{RANK} LoRA over {a.blocks} Wan-14B block(s) ({len(BLOCK_LINEARS)} Linears each), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rows = run(a.blocks, a.formats, a.strength)
-    scale = 40 / a.blocks
+    linears = [l for l in BLOCK_LINEARS if l[0] in ("self_attn.q", "ffn.0")] if a.quick else BLOCK_LINEARS
+    reps = 1 if a.quick else max(3, a.reps)
+    print(f"rank-{RANK} LoRA over {a.blocks} Wan-14B block(s) ({len(linears)} Linears each), "
+          f"median of {reps} per layer, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = run(a.blocks, a.formats, a.strength, reps, linears)
+    # seconds for a whole 14B model: 40 blocks of all ten Linears (quick: scaled by parameter count)
+    per_block = sum(o * i for _, o, i in BLOCK_LINEARS) / sum(o * i for _, o, i in linears)
+    scale = 40 / a.blocks * per_block
     print(f"{'format':<14}{'ours s/14B':>11}{'comfy s/14B':>12}{'ratio':>7}  "
           f"{'err ours':>9}{'err comfy':>10}{'ratio':>7}{'RTN(ref)':>9}{'on-the-fly':>11}")
     for r in rows:

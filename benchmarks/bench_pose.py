@@ -15,6 +15,7 @@ dynamic batch pays off with the real ViTPose on GPU).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -66,16 +67,16 @@ def upstream_style_decode(heatmaps, centers, sizes):
     return np.concatenate([out, maxvals[..., None]], axis=2)
 
 
-def best_of(fn, repeat=5):
-    """Best wall time and best CPU time of ``repeat`` runs (the machine is shared: the minimum
-    is the least disturbed run)."""
+def median_of(fn, repeat=5):
+    """Median wall time and median CPU time of ``repeat`` runs (reproducible across runs on a
+    shared machine, unlike a minimum that rewards one lucky run)."""
     walls, cpus = [], []
     for _ in range(repeat):
         t0, c0 = time.perf_counter(), time.process_time()
         fn()
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
-    return min(walls), min(cpus)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 class StubModel:
@@ -118,16 +119,16 @@ def main(argv=None):
     stub = PosePipeline(StubModel(det_out, (640, 640), 1), StubModel(np.concatenate(blobs), (256, 192), None),
                         PoseOptions(pose_batch_size=args.batch))
     holder = {}
-    wall, cpu = best_of(lambda: holder.__setitem__("data", stub.run(args.frames, get, (W, H))[0]))
+    wall, cpu = median_of(lambda: holder.__setitem__("data", stub.run(args.frames, get, (W, H))[0]))
     non_model, non_model_cpu = wall / args.frames, cpu / args.frames
     data = holder["data"]
-    t_draw, t_draw_cpu = best_of(lambda: [render_frame(data, i, W, H) for i in range(len(data))], 3)
+    t_draw, t_draw_cpu = median_of(lambda: [render_frame(data, i, W, H) for i in range(len(data))], 3)
     t_draw, t_draw_cpu = t_draw / len(data), t_draw_cpu / len(data)
 
     # 2. decode alone, one frame per call as upstream's pipeline does: ours vs upstream-style loops
     centers, sizes = np.array([[416.0, 255.0]]), np.array([[315.0, 420.0]])
-    t_ours = best_of(lambda: [decodemod.decode(m, centers, sizes) for m in blobs])[0] / len(blobs)
-    t_up = best_of(lambda: [upstream_style_decode(m, centers, sizes) for m in blobs], 3)[0] / len(blobs)
+    t_ours = median_of(lambda: [decodemod.decode(m, centers, sizes) for m in blobs])[0] / len(blobs)
+    t_up = median_of(lambda: [upstream_style_decode(m, centers, sizes) for m in blobs], 3)[0] / len(blobs)
     diff = max(np.abs(decodemod.decode(m, centers, sizes) - upstream_style_decode(m, centers, sizes))[..., :2].max()
                for m in blobs)
 
@@ -143,7 +144,7 @@ def main(argv=None):
                 best = dict(t)
         results[bs] = best
 
-    print(f"pose benchmark, {args.frames} frames {W}x{H}, CPU (best of several runs; wall / CPU time)")
+    print(f"pose benchmark, {args.frames} frames {W}x{H}, CPU (median of 5 runs; wall / CPU time)")
     print(f"  non-model work (detect pre/post, crop, decode, meta, face) : {non_model * 1e3:6.2f} / "
           f"{non_model_cpu * 1e3:6.2f} ms/frame")
     print(f"  drawing (832x480 canvas)                                   : {t_draw * 1e3:6.2f} / "

@@ -6,7 +6,10 @@ loader; nothing is read until asked) plus a :class:`Report`. The CLI writes it, 
 hands it to ComfyUI, the LoRA code reads from it.
 
 fp8 payloads are passed through bit for bit; scales are only re-typed to fp32 scalars (exact for
-bf16/fp16 sources); FP4 group-32 nibbles are normalised to high-nibble-first (a lossless swap).
+bf16/fp16 sources); FP4 group-32 nibbles are normalised to high-nibble-first (a lossless swap; the
+order is decided in :mod:`.nibble_order`); row-major NVFP4 block scales are re-tiled to ComfyUI's
+layout (:mod:`.nvfp4_layout`); quantized layers ComfyUI cannot run quantized are dequantized
+exactly (:mod:`.comfy_linear`).
 """
 
 from __future__ import annotations
@@ -21,15 +24,17 @@ from typing import Callable
 import torch
 
 from ..errors import WanquantError
-from ..ops.formats import comfy_quant_tensor, swap_nibbles
+from ..ops.formats import comfy_quant_tensor, swap_nibbles, to_blocked
 from . import keymap
+from .comfy_linear import runs_quantized
 from .containers import Source, TensorReader, TensorRef, open_source
 from .detect import MARKER_KEY, Detection, Layer, _header_quant_layers, detect_layers
 from .family import Family, recognise
+from .nibble_order import resolve as resolve_nibble_order
+from .nvfp4_layout import ROW_MAJOR, UNTAGGED_NVFP4
+from .nvfp4_layout import resolve as resolve_scale_layout
 
 log = logging.getLogger(__name__)
-
-NIBBLE_ORDERS = ("low_first", "high_first")
 
 
 @dataclass
@@ -70,6 +75,7 @@ class Report:
     errors: list[str] = field(default_factory=list)
     remapped: int = 0
     nibble_order: str | None = None
+    dequantized: list[str] = field(default_factory=list)  # quantized non-Linear layers, now fp32
     notes: list[str] = field(default_factory=list)
     total_bytes: int = 0
     base: "Report | None" = None
@@ -94,7 +100,8 @@ class Report:
             "scale_dtypes": dict(self.scale_dtypes), "extras": {k: len(v) for k, v in self.extras.items()},
             "extra_modules": self.extras, "unrecognised": self.unrecognised, "missing": self.missing,
             "needs_base": self.needs_base, "warnings": self.warnings, "errors": self.errors,
-            "remapped_keys": self.remapped, "nibble_order": self.nibble_order, "notes": self.notes,
+            "remapped_keys": self.remapped, "nibble_order": self.nibble_order,
+            "dequantized": self.dequantized, "notes": self.notes,
             "total_bytes": self.total_bytes, "verdict": self.verdict(),
             **({"base": self.base.to_json()} if self.base else {}),
         }
@@ -166,24 +173,6 @@ class LazyTensors(Mapping):
         return {k: e.shape for k, e in self._entries.items()}
 
 
-def _nibble_order(src: Source, override: str | None) -> tuple[str, str]:
-    """(order, where it came from): explicit override > quantize_config.json > documented default."""
-    if override and override != "auto":
-        if override not in NIBBLE_ORDERS:
-            raise WanquantError("unknown FP4 nibble order", expected=" / ".join(NIBBLE_ORDERS), found=override)
-        return override, "override"
-    qc = src.side_files.get("quantize_config.json")
-    if isinstance(qc, dict):
-        for key in ("packing", "nibble_order", "pack_order"):
-            val = str(qc.get(key, "")).lower()
-            if val:
-                if "high" in val or "hi_" in val:
-                    return "high_first", "quantize_config.json"
-                if "low" in val or "lo_" in val:
-                    return "low_first", "quantize_config.json"
-    return "low_first", "default (compressed-tensors convention; override with nibble_order)"
-
-
 PART_MARK = "@part"
 
 
@@ -219,15 +208,16 @@ def _map_keys(keys, style: str, file: str) -> tuple[dict[str, str], list[str]]:
     return mapping, unrecognised
 
 
-def load_canonical(path, *, nibble_order: str | None = None, collect_errors: bool = False,
-                   tensor_reader: TensorReader | None = None) -> CanonicalModel:
+def load_canonical(path, *, nibble_order: str | None = None, nvfp4_scale_layout: str | None = None,
+                   collect_errors: bool = False, tensor_reader: TensorReader | None = None) -> CanonicalModel:
     """Open any supported checkpoint and describe it in canonical form (lazily).
 
     The result owns the open file(s): use it as a context manager or call ``close()``.
     ``tensor_reader``: see ``containers.open_source`` (the ComfyUI loader maps the file)."""
     src = open_source(path, tensor_reader=tensor_reader)
     try:
-        return canonical_from_source(src, nibble_order=nibble_order, collect_errors=collect_errors)
+        return canonical_from_source(src, nibble_order=nibble_order, nvfp4_scale_layout=nvfp4_scale_layout,
+                                     collect_errors=collect_errors)
     except BaseException:
         src.close()
         raise
@@ -252,7 +242,7 @@ def load_with_base(path, base=None, **kwargs) -> CanonicalModel:
         raise
 
 
-def canonical_from_source(src: Source, *, nibble_order: str | None = None,
+def canonical_from_source(src: Source, *, nibble_order: str | None = None, nvfp4_scale_layout: str | None = None,
                           collect_errors: bool = False) -> CanonicalModel:
     file = src.path
     report = Report(path=file, container=src.container)
@@ -278,12 +268,22 @@ def canonical_from_source(src: Source, *, nibble_order: str | None = None,
         lk = mapping.get(lk + ".weight", lk + ".weight")[: -len(".weight")]
         header_conf[lk] = conf
 
-    order, order_src = _nibble_order(src, nibble_order)
-    det = detect_layers(tensors, file, header_conf=header_conf, nibble_order=order, collect_errors=collect_errors)
-    _fuse_parts(det, file, report, order)
-    report.errors = [str(e) for e in det.errors]
-    if any(l.format == "fp4_g32" for l in det.layers.values()):
+    det = detect_layers(tensors, file, header_conf=header_conf, collect_errors=collect_errors)
+    if any(l.format == "fp4_g32" and l.nibble_order is None for l in det.layers.values()):
+        order, order_src, order_warnings = resolve_nibble_order(det.layers, nibble_order, src.side_files)
         report.nibble_order = f"{order} ({order_src})"
+        report.warnings += order_warnings
+    if any(l.format == "nvfp4" and l.spelling == UNTAGGED_NVFP4 for l in det.layers.values()):
+        try:
+            layout, why = resolve_scale_layout(det.layers, nvfp4_scale_layout)
+            report.notes.append(f"NVFP4 without comfy_quant: block scales read as {layout} ({why})")
+        except WanquantError as err:
+            if not collect_errors:
+                raise
+            det.errors.append(err)
+    _fuse_parts(det, file, report)
+    _dequantize_non_linear(det, report)
+    report.errors = [str(e) for e in det.errors]
     if det.marker is not None:
         kind = {0: "input scales present", 2: "fp8 matmul disabled by the producer"}.get(det.marker.numel, "")
         report.notes.append(f"legacy 'scaled_fp8' marker found{': ' + kind if kind else ''} (dropped)")
@@ -291,7 +291,9 @@ def canonical_from_source(src: Source, *, nibble_order: str | None = None,
     if quant:
         report.notes.append(f"index metadata: quantization = {quant}")
 
-    entries = _entries(det, order, report)
+    entries = _entries(det, report)
+    if style == "diffusers":
+        _add_animate_buffers(entries, report)
     fam = recognise({k: e.shape for k, e in entries.items()})
     _fill_family(report, fam)
     if unrecognised:
@@ -299,6 +301,23 @@ def canonical_from_source(src: Source, *, nibble_order: str | None = None,
                                f"(first: {unrecognised[0]})")
     report.total_bytes = sum(e.nbytes for e in entries.values())
     return CanonicalModel(entries, det.layers, report, src)
+
+
+def _add_animate_buffers(entries: dict[str, Entry], report: Report) -> None:
+    """Animate from diffusers keys lacks the motion encoder's persistent blur-kernel buffers
+    (non-persistent in diffusers); native files carry them, so the canonical form adds them with
+    the value ComfyUI's ``Blur`` module registers (fp32: ``ConvLayer`` builds ``Blur`` without a dtype)."""
+    from .animate_keys import native_only_buffers
+
+    if not any(k.startswith("motion_encoder.enc.net_app.") for k in entries):
+        return
+    added = [k for k in native_only_buffers() if k not in entries]
+    for k in added:
+        value = native_only_buffers()[k]
+        entries[k] = Entry(k, (len(value), len(value[0])), torch.float32,
+                           lambda value=value: torch.tensor(value, dtype=torch.float32), None)
+    if added:
+        report.notes.append(f"added {len(added)} constant motion-encoder blur kernels (not stored in diffusers files)")
 
 
 def _reshaped(source_key: str, ref: TensorRef) -> TensorRef:
@@ -317,7 +336,7 @@ def _concat_ref(refs: list[TensorRef]) -> TensorRef:
                      lambda: torch.cat([r.load() for r in refs], 0))
 
 
-def _fuse_parts(det: Detection, file: str, report: Report, order: str) -> None:
+def _fuse_parts(det: Detection, file: str, report: Report) -> None:
     """Fuse ``X@part0`` / ``X@part1`` layers into one native layer X (rows of k, then v).
 
     Same plain dtype, or FP4 group-32 (row-wise scales): concatenated exactly. Anything with one
@@ -336,26 +355,53 @@ def _fuse_parts(det: Detection, file: str, report: Report, order: str) -> None:
         fmts = {l.format for l in ordered}
         biases = [l.others.get("bias") for l in ordered]
         others = {"bias": _concat_ref(biases)} if all(biases) else {}
-        if len(fmts) == 1 and (not ordered[0].quantized or ordered[0].format == "fp4_g32"):
+        same_order = len({l.nibble_order for l in ordered}) == 1
+        if len(fmts) == 1 and same_order and (not ordered[0].quantized or ordered[0].format == "fp4_g32"):
             weight = _concat_ref([l.weight for l in ordered])
             sides = {r: _concat_ref([l.sides[r] for l in ordered]) for r in ordered[0].sides}
             fused = Layer(base, ordered[0].format, ordered[0].spelling + " (k/v fused)", weight, sides,
                           dict(ordered[0].conf), others, ordered[0].nibble_order)
         else:
-            weight = _dequant_concat(ordered, order)
+            weight = _dequant_concat(ordered)
             fused = Layer(base, "fp32", "k/v fused, dequantized to fp32 (per-tensor scales differ)", weight, {}, {}, others)
             report.notes.append(f"{base}: to_k/to_v stored as {'/'.join(sorted(fmts))} with separate scales; "
                                 "fused into linear1_kv in fp32")
         det.layers[base] = fused
 
 
-def _dequant_concat(layers: list[Layer], order: str) -> TensorRef:
+def _dequantize_non_linear(det: Detection, report: Report) -> None:
+    """Quantized layers ComfyUI cannot run quantized (convs, custom linears: see
+    :mod:`.comfy_linear`) become fp32 layers holding the producer's exact dequantized values,
+    listed in ``report.dequantized``; ComfyUI would otherwise ignore their scales."""
+    from ..ops.formats import get_format
+
+    for name, layer in list(det.layers.items()):
+        if not layer.quantized or runs_quantized(name, len(layer.weight.shape)):
+            continue
+        shape = tuple(layer.weight.shape) if len(layer.weight.shape) != 2 else _logical_shape(layer)
+
+        def load(layer=layer, shape=shape):
+            ents = {e.key.rsplit(".", 1)[1]: e.load() for e in _layer_entries(layer)}
+            ents["weight"] = ents["weight"].reshape(ents["weight"].shape[0], -1)  # convs: [out, in*k...]
+            return get_format(layer.format).dequantize(ents, torch.float32, dict(layer.conf)).reshape(shape)
+
+        ref = TensorRef(layer.weight.key, shape, torch.float32, layer.weight.file, load)
+        det.layers[name] = Layer(name, "fp32", f"{layer.spelling} -> fp32 (not a Linear in ComfyUI)", ref, {}, {},
+                                 layer.others)
+        report.dequantized.append(f"{name} ({layer.format})")
+    if report.dequantized:
+        report.notes.append(f"{len(report.dequantized)} quantized layers ComfyUI only runs unquantized "
+                            f"(convolutions, custom linears) dequantized exactly to fp32: "
+                            f"{', '.join(report.dequantized[:3])}{' ...' if len(report.dequantized) > 3 else ''}")
+
+
+def _dequant_concat(layers: list[Layer]) -> TensorRef:
     from ..ops.formats import get_format
 
     def load():
         rows = []
         for l in layers:
-            ents = {e.key.rsplit(".", 1)[1]: e.load() for e in _layer_entries(l, order)}
+            ents = {e.key.rsplit(".", 1)[1]: e.load() for e in _layer_entries(l)}
             if l.quantized:
                 rows.append(get_format(l.format).dequantize(ents, torch.float32, dict(l.conf)))
             else:
@@ -383,7 +429,7 @@ def _fill_family(report: Report, fam: Family) -> None:
     report.notes.extend(fam.notes)
 
 
-def _entries(det: Detection, order: str, report: Report) -> dict[str, Entry]:
+def _entries(det: Detection, report: Report) -> dict[str, Entry]:
     entries: dict[str, Entry] = {}
     for key, ref in det.plain.items():
         entries[key] = Entry(key, ref.shape, ref.dtype, ref.loader, None)
@@ -392,7 +438,7 @@ def _entries(det: Detection, order: str, report: Report) -> dict[str, Entry]:
         report.spellings[layer.spelling] += 1
         for ref in layer.sides.values():
             report.scale_dtypes[f"{layer.format}: {str(ref.dtype).replace('torch.', '')}"] += 1
-        for e in _layer_entries(layer, order):
+        for e in _layer_entries(layer):
             entries[e.key] = e
             report.format_bytes[layer.format] += e.nbytes
         for suffix, ref in layer.others.items():
@@ -408,7 +454,7 @@ def _view(ref: TensorRef, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
     return lambda: ref.load().view(dtype)
 
 
-def _layer_entries(layer: Layer, order: str) -> list[Entry]:
+def _layer_entries(layer: Layer) -> list[Entry]:
     n = layer.name
     w = layer.weight
     if not layer.quantized:
@@ -429,7 +475,12 @@ def _layer_entries(layer: Layer, order: str) -> list[Entry]:
     elif layer.format == "nvfp4":
         out.append(Entry(f"{n}.weight", w.shape, torch.uint8, w.loader, n))
         ws = layer.sides["weight_scale"]
-        out.append(Entry(f"{n}.weight_scale", ws.shape, torch.float8_e4m3fn, _view(ws, torch.float8_e4m3fn), n))
+        if layer.scale_layout == ROW_MAJOR:  # canonical is ComfyUI's blocked layout
+            shape = (-(-w.shape[0] // 128) * 128, -(-w.shape[1] * 2 // 16 // 4) * 4)
+            out.append(Entry(f"{n}.weight_scale", shape, torch.float8_e4m3fn,
+                             lambda ws=ws: to_blocked(ws.load().view(torch.float8_e4m3fn)), n))
+        else:
+            out.append(Entry(f"{n}.weight_scale", ws.shape, torch.float8_e4m3fn, _view(ws, torch.float8_e4m3fn), n))
         out.append(Entry(f"{n}.weight_scale_2", (), torch.float32, _scalar_fp32(layer.sides["weight_scale_2"]), n))
         if "input_scale" in layer.sides:
             out.append(Entry(f"{n}.input_scale", (), torch.float32, _scalar_fp32(layer.sides["input_scale"]), n))
@@ -438,11 +489,10 @@ def _layer_entries(layer: Layer, order: str) -> list[Entry]:
         ws = layer.sides["weight_scale"]
         out.append(Entry(f"{n}.weight_scale", ws.shape, torch.uint8, _view(ws, torch.uint8), n))
     elif layer.format == "fp4_g32":
-        src_order = layer.nibble_order or order
-        load_w = w.loader if src_order == "high_first" else (lambda w=w: swap_nibbles(w.load()))
+        load_w = w.loader if layer.nibble_order == "high_first" else (lambda w=w: swap_nibbles(w.load()))
         out.append(Entry(f"{n}.weight", w.shape, torch.uint8, load_w, n))
         ws = layer.sides["weight_scale"]
-        out.append(Entry(f"{n}.weight_scale", ws.shape, torch.float32, lambda ws=ws: ws.load().to(torch.float32), n))
+        out.append(Entry(f"{n}.weight_scale", ws.shape, ws.dtype, ws.loader, n))  # source dtype (bf16): no upcast
     else:  # pragma: no cover - detect.py only produces the formats above
         raise WanquantError("no canonical form for format", layer=n, found=layer.format)
     out.append(Entry(f"{n}.comfy_quant", (len(json.dumps(conf).encode()),), torch.uint8,
@@ -478,6 +528,7 @@ def overlay(finetune: CanonicalModel, base: CanonicalModel) -> CanonicalModel:
         if e.layer and e.layer in layers:
             report.format_bytes[layers[e.layer].format] += e.nbytes
     report.nibble_order = fr.nibble_order or base.report.nibble_order
+    report.dequantized = [d for d in base.report.dequantized if d.split(" ")[0] in layers] + fr.dequantized
     report.remapped = fr.remapped + base.report.remapped
     report.base = base.report
     n_over = len([k for k in finetune.entries if k in base.entries])

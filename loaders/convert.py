@@ -122,8 +122,8 @@ def plan(model: CanonicalModel, to: str, errors: dict[str, float]) -> list[Entry
 
 
 def convert(src, dst, *, base=None, to: str = "float8_e4m3fn", nibble_order: str | None = None,
-            progress: Callable[[int, int], None] | None = None) -> ConvertResult:
-    with load_with_base(src, base, nibble_order=nibble_order) as model:
+            nvfp4_scale_layout: str | None = None, progress: Callable[[int, int], None] | None = None) -> ConvertResult:
+    with load_with_base(src, base, nibble_order=nibble_order, nvfp4_scale_layout=nvfp4_scale_layout) as model:
         return _convert(model, src, dst, base, to, progress)
 
 

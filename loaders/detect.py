@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import WanquantError
+from . import nibble_order
 from .containers import TensorRef
+from .nvfp4_layout import BLOCKED, UNTAGGED_NVFP4, fitting_layouts
 
 FP8_DTYPES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
 PLAIN_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -52,6 +54,7 @@ class Layer:
     conf: dict = field(default_factory=dict)  # comfy_quant JSON for quantized layers
     others: dict[str, TensorRef] = field(default_factory=dict)  # bias etc. (suffix → ref)
     nibble_order: str | None = None  # FP4 group-32 only: how the source packs nibbles
+    scale_layout: str | None = None  # NVFP4 only: "blocked" / "row_major"; None = to be decided
 
     @property
     def quantized(self) -> bool:
@@ -83,10 +86,11 @@ def _split(key: str) -> tuple[str, str]:
 
 
 def check_scalar_scale(ref: TensorRef, file: str, layer: str, what: str = "scale") -> torch.Tensor:
-    """Load a per-tensor scale and insist it is one finite positive number."""
-    if ref.numel != 1 or len(ref.shape) > 1:
+    """Load a per-tensor scale and insist it is one finite positive number. Any all-ones shape is
+    a scalar (kijai's scaled fp8 of Animate stores conv scales as [1, 1] / [1, 1, 1])."""
+    if ref.numel != 1:
         raise WanquantError(f"{what} must be a per-tensor scalar", file=file, layer=layer,
-                            expected="shape [] or [1]", found=f"shape {list(ref.shape)} ({ref.key})")
+                            expected="one element (shape [], [1], [1, 1], ...)", found=f"shape {list(ref.shape)} ({ref.key})")
     if ref.dtype not in FLOAT_DTYPES:
         raise WanquantError(f"{what} has a non-float dtype", file=file, layer=layer,
                             expected="bf16/fp16/fp32 scalar", found=str(ref.dtype))
@@ -123,10 +127,11 @@ def _header_quant_layers(metadata: dict[str, str], file: str) -> dict[str, dict]
 
 
 def detect_layers(tensors: dict[str, TensorRef], file: str, *, header_conf: dict[str, dict] | None = None,
-                  nibble_order: str = "low_first", collect_errors: bool = False) -> Detection:
+                  collect_errors: bool = False) -> Detection:
     """Group keys into modules and decide each module's format.
 
     ``header_conf`` is the per-layer ``_quantization_metadata`` (already in the same key space).
+    Untagged FP4 group-32 layers come back with ``nibble_order=None``: :mod:`.nibble_order` decides.
     With ``collect_errors`` every bad layer is recorded and skipped (``inspect``); otherwise the
     first one raises (``convert``, the loader).
     """
@@ -149,7 +154,7 @@ def detect_layers(tensors: dict[str, TensorRef], file: str, *, header_conf: dict
                 det.plain[f"{module}.{role}" if module else role] = ref
             continue
         try:
-            det.layers[module] = _classify(module, roles, file, header_conf.get(module), marker_two, nibble_order)
+            det.layers[module] = _classify(module, roles, file, header_conf.get(module), marker_two)
         except WanquantError as err:
             if not collect_errors:
                 raise
@@ -158,7 +163,7 @@ def detect_layers(tensors: dict[str, TensorRef], file: str, *, header_conf: dict
 
 
 def _classify(module: str, roles: dict[str, TensorRef], file: str, header_conf: dict | None,
-              marker_two: bool, nibble_order: str) -> Layer:
+              marker_two: bool) -> Layer:
     sides = {r: roles[r] for _, r in SIDE_SUFFIXES if r in roles and r != "weight_packed"}
     others = {r: ref for r, ref in roles.items() if r not in sides and r not in ("weight", "weight_packed")}
     if "weight" in roles and "weight_packed" in roles:
@@ -181,7 +186,7 @@ def _classify(module: str, roles: dict[str, TensorRef], file: str, header_conf: 
     if weight.dtype in FP8_DTYPES:
         return _classify_fp8(module, weight, sides, others, file, marker_two)
     if weight.dtype == torch.uint8:
-        return _classify_uint8(module, weight, sides, others, file, nibble_order)
+        return _classify_uint8(module, weight, sides, others, file)
     if weight.dtype in PLAIN_DTYPES:
         if sides:
             raise WanquantError("quantization scale next to a high-precision weight", file=file, layer=module,
@@ -243,7 +248,7 @@ def _classify_fp8(module, weight, sides, others, file, marker_two) -> Layer:
     return Layer(module, fmt, spelling, weight, new_sides, conf, others)
 
 
-def _classify_uint8(module, weight, sides, others, file, nibble_order) -> Layer:
+def _classify_uint8(module, weight, sides, others, file) -> Layer:
     ws = sides.get("weight_scale")
     if ws is None:
         raise WanquantError("packed uint8 weight without a weight_scale", file=file, layer=module,
@@ -251,7 +256,7 @@ def _classify_uint8(module, weight, sides, others, file, nibble_order) -> Layer:
                             found=f"uint8 {list(weight.shape)} and no scale")
     if ws.dtype == torch.float8_e4m3fn and "weight_scale_2" in sides:
         conf = {"format": "nvfp4"}
-        return _classify_comfy(module, weight, sides, others, conf, file, spelling="nvfp4 without comfy_quant")
+        return _classify_comfy(module, weight, sides, others, conf, file, spelling=UNTAGGED_NVFP4)
     if ws.dtype not in FLOAT_DTYPES:
         raise WanquantError("packed uint8 weight with a non-float scale", file=file, layer=module,
                             expected="float weight_scale (FP4 group-32) or fp8 block scales + weight_scale_2 (NVFP4)",
@@ -262,8 +267,7 @@ def _classify_uint8(module, weight, sides, others, file, nibble_order) -> Layer:
                             expected="weight + weight_scale", found=", ".join(sides[r].key for r in sorted(extra)))
     conf = {"format": "fp4_g32", "group_size": 32}
     _check_fp4_shapes(module, weight, ws, file)
-    return Layer(module, "fp4_g32", f"FP4 group-32 ({nibble_order.replace('_', ' ')} nibble)", weight,
-                 {"weight_scale": ws}, conf, others, nibble_order)
+    return Layer(module, "fp4_g32", "FP4 group-32 (no comfy_quant)", weight, {"weight_scale": ws}, conf, others)
 
 
 def _check_fp4_shapes(module, weight, ws, file) -> None:
@@ -309,14 +313,21 @@ def _classify_comfy(module, weight, sides, others, conf, file, spelling=None) ->
                                 found=f"{weight.dtype} weight, scales: {sorted(sides)}")
         n, half = weight.shape
         want = (_roundup(n, 128), _roundup(half * 2 // 16, 4))
-        if tuple(ws.shape) != want or ws.dtype not in (torch.float8_e4m3fn, torch.uint8):
+        # tagged files are ComfyUI's (blocked); an untagged one may be row-major: nvfp4_layout decides
+        fits = (fitting_layouts(weight.shape, ws.shape) if spelling == UNTAGGED_NVFP4
+                else [BLOCKED] if tuple(ws.shape) == want else [])
+        if not fits or ws.dtype not in (torch.float8_e4m3fn, torch.uint8):
+            also = f" or row-major {[n, half * 2 // 16]}" if spelling == UNTAGGED_NVFP4 else ""
             raise WanquantError("NVFP4 block scales do not fit the weight", file=file, layer=module,
-                                expected=f"fp8 {list(want)} (blocked 128x4 layout)", found=f"{ws.dtype} {list(ws.shape)}")
+                                expected=f"fp8 {list(want)} (blocked 128x4 layout){also}",
+                                found=f"{ws.dtype} {list(ws.shape)}")
+        layout = fits[0] if len(fits) == 1 else None
         check_scalar_scale(ws2, file, module, "weight_scale_2")
         if "input_scale" in sides:
             check_scalar_scale(sides["input_scale"], file, module, "input scale")
         keep = {r: sides[r] for r in ("weight_scale", "weight_scale_2", "input_scale") if r in sides}
-    elif fmt == "fp4_g32":  # wanquant's own canonical form (already high-nibble-first)
+    elif fmt == "fp4_g32":  # wanquant's own canonical form: high-nibble-first unless the JSON says
+        order = nibble_order.parse(conf.pop("nibble_order", "high_first"), "comfy_quant", file, module)
         ws = sides.get("weight_scale")
         if weight.dtype != torch.uint8 or ws is None:
             raise WanquantError("incomplete FP4 group-32 layer", file=file, layer=module,
@@ -328,7 +339,7 @@ def _classify_comfy(module, weight, sides, others, conf, file, spelling=None) ->
         if leftover:
             raise WanquantError("unexpected side tensor on a fp4_g32 layer", file=file, layer=module,
                                 found=", ".join(sides[r].key for r in sorted(leftover)))
-        return Layer(module, fmt, spelling, weight, keep, dict(conf), others, "high_first")
+        return Layer(module, fmt, spelling, weight, keep, dict(conf), others, order)
     else:  # mxfp8
         ws = sides.get("weight_scale")
         if weight.dtype != torch.float8_e4m3fn or ws is None:
@@ -347,7 +358,8 @@ def _classify_comfy(module, weight, sides, others, conf, file, spelling=None) ->
     if leftover:
         raise WanquantError(f"unexpected side tensor on a {fmt} layer", file=file, layer=module,
                             found=", ".join(sides[r].key for r in sorted(leftover)))
-    return Layer(module, fmt, spelling, weight, keep, dict(conf), others)
+    return Layer(module, fmt, spelling, weight, keep, dict(conf), others,
+                 scale_layout=layout if fmt == "nvfp4" else None)
 
 
 def _roundup(x: int, m: int) -> int:

@@ -60,9 +60,10 @@ def comfy_mmap_reader(path: str):
 
 
 def build_canonical(path: str, base: str | None = None, nibble_order: str = "auto",
-                    tensor_reader=None) -> CanonicalModel:
+                    nvfp4_scale_layout: str = "auto", tensor_reader=None) -> CanonicalModel:
     """The canonical model, checked to be a complete Wan; the caller closes it."""
-    model = load_with_base(path, base, nibble_order=nibble_order, tensor_reader=tensor_reader)
+    model = load_with_base(path, base, nibble_order=nibble_order, nvfp4_scale_layout=nvfp4_scale_layout,
+                           tensor_reader=tensor_reader)
     try:
         _check_runnable(model, path, base)
     except BaseException:
@@ -97,18 +98,20 @@ def split_extras(model: CanonicalModel) -> tuple[list[str], list[str]]:
 
 
 def load_wan_model(path: str, base: str | None = None, policy: str = "auto", compute_dtype: str = "auto",
-                   nibble_order: str = "auto", progress=None, disable_dynamic: bool = False) -> LoadResult:
+                   nibble_order: str = "auto", progress=None, disable_dynamic: bool = False,
+                   nvfp4_scale_layout: str = "auto") -> LoadResult:
     """Build a ComfyUI ModelPatcher for any supported Wan checkpoint (raises WanquantError)."""
     if policy not in policy_options():
         raise WanquantError("unknown op policy", expected=" / ".join(policy_options()), found=policy)
     if compute_dtype not in COMPUTE_DTYPES:
         raise WanquantError("unknown compute dtype", expected=" / ".join(COMPUTE_DTYPES), found=compute_dtype)
-    with build_canonical(path, base, nibble_order, tensor_reader=comfy_mmap_reader) as model:
-        return _build_patcher(model, path, base, policy, compute_dtype, nibble_order, progress, disable_dynamic)
+    with build_canonical(path, base, nibble_order, nvfp4_scale_layout, tensor_reader=comfy_mmap_reader) as model:
+        return _build_patcher(model, path, base, policy, compute_dtype, nibble_order, nvfp4_scale_layout,
+                              progress, disable_dynamic)
 
 
-def _build_patcher(model: CanonicalModel, path, base, policy, compute_dtype, nibble_order, progress,
-                   disable_dynamic) -> LoadResult:
+def _build_patcher(model: CanonicalModel, path, base, policy, compute_dtype, nibble_order, nvfp4_scale_layout,
+                   progress, disable_dynamic) -> LoadResult:
     import comfy.model_management as mm
     import comfy.sd
 
@@ -150,7 +153,7 @@ def _build_patcher(model: CanonicalModel, path, base, policy, compute_dtype, nib
         # the model itself (this load owns it), so every clone and direct call sees it.
         patcher.model.manual_cast_dtype = plan.compute_dtype
         patcher.model.wanquant_plan = plan
-    patcher.cached_patcher_init = (reload_patcher, (path, base, policy, compute_dtype, nibble_order))
+    patcher.cached_patcher_init = (reload_patcher, (path, base, policy, compute_dtype, nibble_order, nvfp4_scale_layout))
     # Vista4D / WorldStereo modules: references into the file, read only when a node asks
     patcher.model.wanquant_extras = LazyTensors({k: model.entries[k] for k in extras}, model.sources())
     patcher.model.wanquant_report = model.report
@@ -161,9 +164,10 @@ def _build_patcher(model: CanonicalModel, path, base, policy, compute_dtype, nib
     return LoadResult(patcher, model, lines)
 
 
-def reload_patcher(path, base, policy, compute_dtype, nibble_order, disable_dynamic=False):
+def reload_patcher(path, base, policy, compute_dtype, nibble_order, nvfp4_scale_layout="auto", disable_dynamic=False):
     """``cached_patcher_init`` factory: rebuild the model from the files, from scratch."""
-    return load_wan_model(path, base, policy, compute_dtype, nibble_order, disable_dynamic=disable_dynamic).patcher
+    return load_wan_model(path, base, policy, compute_dtype, nibble_order, disable_dynamic=disable_dynamic,
+                          nvfp4_scale_layout=nvfp4_scale_layout).patcher
 
 
 def _report_lines(model: CanonicalModel, extras: list[str], policy: str, plan, patcher, forced_dtype) -> list[str]:

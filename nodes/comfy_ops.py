@@ -35,7 +35,7 @@ import comfy.ops
 from comfy.quant_ops import QuantizedTensor
 
 from ..errors import WanquantError
-from ..ops.formats import FP8_FORMATS, comfy_quant_tensor, get_format, parse_comfy_quant, swap_nibbles
+from ..ops.formats import FP8_FORMATS, comfy_quant_tensor, get_format, parse_comfy_quant
 from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
 from ..ops.policy import DENSE, DEQUANT, FP8_MATMUL, KITCHEN_MATMUL, OpsPlan
 
@@ -58,7 +58,7 @@ if QuantizedLayout is not None:
 
         @dataclass(frozen=True)
         class Params(BaseLayoutParams):
-            pass  # ``scale`` holds the [N, K/32] fp32 group scales
+            pass  # ``scale`` holds the [N, K/32] group scales in the file's float dtype
 
         @classmethod
         def quantize(cls, tensor, scale=None, stochastic_rounding=0, inplace_ops=False, **kwargs):
@@ -181,11 +181,14 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                                         expected=f"weight uint8 [{n}, {k // 2}], weight_scale [{n}, {k // 32}]",
                                         found=f"weight {None if w is None else list(w.shape)}, "
                                               f"weight_scale {None if s is None else list(s.shape)}")
-                if str(conf.get("nibble_order", "high_first")).startswith("low"):
-                    w = swap_nibbles(w)
+                if conf.get("nibble_order", "high_first") != "high_first":
+                    # loaders.nibble_order owns the order; the canonical form is high-nibble-first
+                    raise WanquantError("fp4_g32 layer not in canonical (high-nibble-first) form", layer=name,
+                                        expected="a state dict from wanquant's canonical loader",
+                                        found=f"nibble_order {conf.get('nibble_order')!r}")
                 self.quant_format = "fp4_g32"
                 self.layout_type = FP4G32_LAYOUT
-                params = FP4G32Layout.Params(scale=s.to(device=device, dtype=torch.float32),
+                params = FP4G32Layout.Params(scale=s.to(device=device),  # the file's scale dtype (bf16): no upcast
                                              orig_dtype=self.factory_kwargs["dtype"], orig_shape=(n, k))
                 self.weight = torch.nn.Parameter(QuantizedTensor(w.to(device=device, dtype=torch.uint8),
                                                                  FP4G32_LAYOUT, params), requires_grad=False)

@@ -10,8 +10,11 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..errors import WanquantError
+from ..loaders.nvfp4_layout import LAYOUTS
 from ..loaders.report_text import report_lines
 from . import bridge
+
+SCALE_LAYOUTS = ("auto", *LAYOUTS)
 
 log = logging.getLogger(__name__)
 
@@ -143,21 +146,25 @@ class WanQuantLoadDiT(io.ComfyNode):
                 io.Combo.Input("compute_dtype", options=list(bridge.COMPUTE_DTYPES), default="auto",
                                tooltip="Activation dtype; auto lets ComfyUI pick for this device (fp16/bf16 on GPU, fp32 on CPU)."),
                 io.Combo.Input("fp4_nibble_order", options=["auto", "low_first", "high_first"], default="auto",
-                               tooltip="FP4 group-32 packing. auto: quantize_config.json beside the file, else low nibble first."),
+                               tooltip="FP4 group-32 packing. auto: quantize_config.json beside the file, else decided from the weights (low nibble first, with a report warning, when they cannot tell)."),
+                io.Combo.Input("nvfp4_scale_layout", options=list(SCALE_LAYOUTS), default="auto", optional=True,
+                               tooltip="NVFP4 files without comfy_quant: block-scale layout. auto: from the scale shapes, else from the scales (refused when they cannot tell)."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.String.Output(display_name="report")],
         )
 
     @classmethod
     def fingerprint_inputs(cls, model_name, base_name=NONE, op_policy="auto", compute_dtype="auto",
-                           fp4_nibble_order="auto"):
-        return _fingerprint((model_name, base_name), op_policy, compute_dtype, fp4_nibble_order)
+                           fp4_nibble_order="auto", nvfp4_scale_layout="auto"):
+        return _fingerprint((model_name, base_name), op_policy, compute_dtype, fp4_nibble_order, nvfp4_scale_layout)
 
     @classmethod
-    def execute(cls, model_name, base_name=NONE, op_policy="auto", compute_dtype="auto", fp4_nibble_order="auto"):
+    def execute(cls, model_name, base_name=NONE, op_policy="auto", compute_dtype="auto", fp4_nibble_order="auto",
+                nvfp4_scale_layout="auto"):
         path = resolve(model_name)
         base = resolve(base_name) if base_name != NONE else None
-        result = bridge.load_wan_model(path, base, op_policy, compute_dtype, fp4_nibble_order, progress=_progress_cb())
+        result = bridge.load_wan_model(path, base, op_policy, compute_dtype, fp4_nibble_order, progress=_progress_cb(),
+                                       nvfp4_scale_layout=nvfp4_scale_layout)
         return io.NodeOutput(result.patcher, result.text)
 
 
@@ -171,20 +178,23 @@ class WanQuantInspect(io.ComfyNode):
             description="Reports container, key style, model family and per-layer formats of a checkpoint without loading it.",
             inputs=[io.Combo.Input("model_name", options=model_choices(), tooltip="The checkpoint to inspect."),
                     io.Combo.Input("fp4_nibble_order", options=["auto", "low_first", "high_first"], default="auto",
-                                   tooltip="FP4 group-32 packing to assume (auto reads quantize_config.json).")],
+                                   tooltip="FP4 group-32 packing to assume (auto: quantize_config.json, else decided from the weights)."),
+                    io.Combo.Input("nvfp4_scale_layout", options=list(SCALE_LAYOUTS), default="auto", optional=True,
+                                   tooltip="NVFP4 block-scale layout to assume for files without comfy_quant (auto: from shapes, else from the scales).")],
             outputs=[io.String.Output(display_name="report")],
             is_output_node=True,
         )
 
     @classmethod
-    def fingerprint_inputs(cls, model_name, fp4_nibble_order="auto"):
-        return _fingerprint((model_name,), fp4_nibble_order)
+    def fingerprint_inputs(cls, model_name, fp4_nibble_order="auto", nvfp4_scale_layout="auto"):
+        return _fingerprint((model_name,), fp4_nibble_order, nvfp4_scale_layout)
 
     @classmethod
-    def execute(cls, model_name, fp4_nibble_order="auto"):
+    def execute(cls, model_name, fp4_nibble_order="auto", nvfp4_scale_layout="auto"):
         from ..loaders.canonical import load_canonical
 
-        with load_canonical(resolve(model_name), nibble_order=fp4_nibble_order, collect_errors=True) as model:
+        with load_canonical(resolve(model_name), nibble_order=fp4_nibble_order,
+                            nvfp4_scale_layout=nvfp4_scale_layout, collect_errors=True) as model:
             rep = model.report
         text = "\n".join(report_lines(rep))
         return io.NodeOutput(text, ui={"text": [text]})

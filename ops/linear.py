@@ -10,9 +10,9 @@
   kijai's wrapper use a fixed scale of 1.0, which clips every activation above 448; the dynamic
   scale is what MagiHuman's release uses. K and N are zero-padded to multiples of 16 when
   needed (cuBLASLt's requirement), bias is fused where the kernel allows it, any input rank.
-* ``linear_kitchen``: NVFP4 / MXFP8 through comfy-kitchen's block-scaled matmul. Only valid on
-  SM >= 10 with kitchen's CUDA backend; the policy never selects it elsewhere (kitchen raises
-  ``ValueError`` on CPU, which ComfyUI's fallback does not catch).
+
+NVFP4 / MXFP8 on Blackwell run through ComfyUI's own forward (its layouts call comfy-kitchen's
+block-scaled matmul), so there is one kitchen matmul path, ComfyUI's, and none here.
 
 No ComfyUI import here: the bridge in ``nodes/comfy_ops.py`` calls these functions.
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import WanquantError
 from .formats import FP8_FORMATS, get_format
-from .formats._common import E2M1_MAX, E4M3_MAX, fp8_to_float32, kitchen
+from .formats._common import E4M3_MAX, fp8_decode, kitchen
 
 #: smallest activation scale; keeps an all-zero input from dividing by zero
 _MIN_SCALE = 1e-12
@@ -132,9 +132,8 @@ def linear_dequant(x: torch.Tensor, fmt: str, tensors: dict[str, torch.Tensor],
         w = f.payload(tensors)
         if w.shape[1] != k:
             raise WanquantError("input features do not match the weight", expected=str(w.shape[1]), found=str(k))
-        raw, factor = fp8_to_float32(w)
-        y = F.linear(x, raw)
-        y.mul_(f.scale(tensors).to(y.device) * factor)
+        y = F.linear(x, fp8_decode(w))
+        y.mul_(f.scale(tensors).to(y.device))
         if bias is not None:
             y.add_(bias.to(y.dtype))
         return y
@@ -145,85 +144,3 @@ def linear_dequant(x: torch.Tensor, fmt: str, tensors: dict[str, torch.Tensor],
         else:
             raise WanquantError("input features do not match the weight", expected=str(w.shape[1]), found=str(k))
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-
-
-def linear_kitchen(x: torch.Tensor, fmt: str, tensors: dict[str, torch.Tensor],
-                   bias: torch.Tensor | None = None, conf: dict | None = None) -> torch.Tensor:
-    """NVFP4 / MXFP8 block-scaled tensor-core matmul through comfy-kitchen (SM >= 10 only).
-
-    Activations are quantized dynamically (NVFP4: per-tensor amax/(448*6) plus per-16 block
-    scales; MXFP8: per-32 E8M0 block scales), padded as the kernels require, and the output is
-    cropped back to [..., N]."""
-    ck = kitchen()
-    if ck is None:
-        raise WanquantError("comfy-kitchen is not importable", expected="comfy_kitchen", found="nothing")
-    f = get_format(fmt)
-    n, k = f.orig_shape(tensors, conf)
-    if x.shape[-1] != k:
-        raise WanquantError("input features do not match the weight", expected=str(k), found=str(x.shape[-1]))
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, k)
-    m = x2d.shape[0]
-    if fmt == "nvfp4":
-        if tensors.get("input_scale") is not None:
-            sa = tensors["input_scale"].to(device=x.device, dtype=torch.float32).reshape(())
-        else:
-            sa = torch.clamp(x2d.abs().amax().to(torch.float32) / (E4M3_MAX * E2M1_MAX), min=_MIN_SCALE)
-        qa, bsa = ck.quantize_nvfp4(x2d, sa, pad_16x=True)
-        bs = tensors["weight_scale"]
-        bs = bs.view(torch.float8_e4m3fn) if bs.dtype == torch.uint8 else bs
-        y = ck.scaled_mm_nvfp4(qa, tensors["weight"], tensor_scale_a=sa,
-                               tensor_scale_b=tensors["weight_scale_2"].to(torch.float32).reshape(()),
-                               block_scale_a=bsa, block_scale_b=bs, out_dtype=x.dtype)
-    elif fmt == "mxfp8":
-        qa, bsa = ck.quantize_mxfp8(x2d, pad_32x=True)
-        bs = tensors["weight_scale"]
-        bs = bs.view(torch.float8_e8m0fnu) if bs.dtype == torch.uint8 else bs
-        y = ck.scaled_mm_mxfp8(qa, tensors["weight"], block_scale_a=bsa, block_scale_b=bs, out_dtype=x.dtype)
-    else:
-        raise WanquantError("kitchen matmul serves nvfp4 and mxfp8 only", expected="nvfp4 | mxfp8", found=fmt)
-    y = y[:m, :n]
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.reshape(*lead, n)
-
-
-def quant_linear(x: torch.Tensor, path: str, fmt: str | None, tensors: dict[str, torch.Tensor],
-                 bias: torch.Tensor | None = None, conf: dict | None = None) -> torch.Tensor:
-    """Run one layer on the path the policy chose (``ops.policy`` path names)."""
-    if path == "dense" or fmt is None:
-        w = tensors["weight"]
-        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    if path == "dequant":
-        return linear_dequant(x, fmt, tensors, bias, conf)
-    if path == "fp8_matmul":
-        f = get_format(fmt)
-        return linear_fp8_scaled_mm(x, f.payload(tensors), f.scale(tensors), bias,
-                                    input_scale=tensors.get("input_scale"))
-    if path == "kitchen_matmul":
-        return linear_kitchen(x, fmt, tensors, bias, conf)
-    raise WanquantError("unknown linear path", expected="dense | dequant | fp8_matmul | kitchen_matmul", found=path)
-
-
-class QuantLinear(torch.nn.Module):
-    """A standalone quantized Linear (no ComfyUI): canonical tensors as buffers plus a path.
-
-    Used by the benchmark, the tests and any non-ComfyUI caller; inside ComfyUI the bridge
-    keeps ComfyUI's own Linear (for LoRA and offloading) and calls ``quant_linear``."""
-
-    def __init__(self, fmt: str | None, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
-                 conf: dict | None = None, path: str = "dequant"):
-        super().__init__()
-        self.fmt, self.conf, self.path = fmt, dict(conf or {}), path
-        self._keys = []
-        for key, t in tensors.items():
-            if t is not None:
-                self.register_buffer(key, t)
-                self._keys.append(key)
-        self.register_buffer("bias", bias)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in self._keys}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear(x, self.path, self.fmt, self.tensors(), self.bias, self.conf)

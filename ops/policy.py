@@ -21,7 +21,7 @@ import torch
 
 from ..errors import WanquantError
 from .formats import FORMAT_NAMES, FP8_FORMATS
-from .formats._common import kitchen
+from .formats._common import kitchen, kitchen_gpu_ops
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def probe_device(device=None) -> DeviceCaps:
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tv = _version_tuple(torch.__version__) or (2, 0)
     ck = kitchen()
-    gpu_ops, note = _kitchen_gpu_ops(ck)
+    gpu_ops, note = kitchen_gpu_ops(ck)
     if dev.type == "cuda" and torch.cuda.is_available():
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
         return DeviceCaps("cuda", tuple(torch.cuda.get_device_capability(idx)), torch.cuda.get_device_name(idx),
@@ -84,24 +84,6 @@ def probe_device(device=None) -> DeviceCaps:
                           ck is not None, gpu_ops, note)
     return DeviceCaps(dev.type, None, dev.type, tv, _version_tuple(torch.version.cuda), False,
                       ck is not None, frozenset(), note)
-
-
-def _kitchen_gpu_ops(ck) -> tuple[frozenset, str]:
-    """Ops that kitchen's available, enabled non-eager backends list, and kitchen's own reason
-    when its CUDA backend is unavailable (e.g. 'CUDA not available on this system')."""
-    if ck is None:
-        return frozenset(), ""
-    try:
-        backends = ck.list_backends()
-    except Exception as exc:  # noqa: BLE001 - a broken kitchen is reported, not raised
-        return frozenset(), f"list_backends failed: {exc}"
-    ops: set[str] = set()
-    for name, info in backends.items():
-        if name != "eager" and info.get("available") and not info.get("disabled"):
-            ops.update(info.get("capabilities") or ())
-    cuda = backends.get("cuda", {})
-    note = "" if cuda.get("available") else str(cuda.get("unavailable_reason") or "")
-    return frozenset(ops), note
 
 
 def _caps(device) -> DeviceCaps:

@@ -54,11 +54,14 @@ class QuantFormat:
 
 
 class BlockScaledFormat(QuantFormat):
-    """NVFP4 / MXFP8: padded storage, blocked scales, a kitchen dequant on GPU and our own
-    table decode elsewhere (on CPU kitchen has only its eager backend, which is slower)."""
+    """NVFP4 / MXFP8: padded storage, blocked scales, a kitchen dequant on GPU when one of its
+    GPU backends has the kernel (fused, straight into the compute dtype), and our own table
+    decode elsewhere (kitchen's eager fallback is slower and makes larger temporaries)."""
 
     def kitchen_can_dequantize(self, ck) -> bool:
-        return True
+        from ._common import kitchen_gpu_ops
+
+        return f"dequantize_{self.name}" in kitchen_gpu_ops(ck)[0]
 
     def dequantize_kitchen(self, tensors, out_dtype=torch.float32, conf=None, ck=None):
         raise NotImplementedError
@@ -78,8 +81,8 @@ class BlockScaledFormat(QuantFormat):
         return self.dequantize_torch(tensors, out_dtype, conf)
 
     def _finish(self, full, tensors, out_dtype, conf):
-        """Crop the padded result to the layer's original shape and cast once."""
+        """Crop the padded result to the layer's original shape (cast only if not yet in out_dtype)."""
         n, k = self.orig_shape(tensors, conf)
         if (n, k) != tuple(full.shape):
             full = full[:n, :k]
-        return full.to(out_dtype) if out_dtype != torch.float32 else full
+        return full if full.dtype == out_dtype else full.to(out_dtype)

@@ -1,9 +1,10 @@
 """wanquant's ``fp4_g32``: E2M1 codes with one float scale per 32 inputs, row-major scales.
 
 This is the naive FP4 release (Wan2.2-Animate-14B-FP4) in canonical form: ``weight`` uint8
-[N, K/2] normalised to high-nibble-first, ``weight_scale`` fp32 [N, K/32];
-value = E2M1(code) * scale[row, col // 32]. ComfyUI has no such format, so dequant is ours and
-runs everywhere. ``conf={"nibble_order": "low_first"}`` reads data that was not normalised.
+[N, K/2] normalised to high-nibble-first by the loader (``loaders.nibble_order`` decides a file's
+order), ``weight_scale`` float [N, K/32] in the file's own dtype (bf16 in the release: kept, an
+fp32 copy would add ~1 GB to Animate-14B); value = E2M1(code) * scale[row, col // 32]. ComfyUI has
+no such format, so dequant is ours and runs everywhere.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from .base import QuantFormat
 GROUP = 32
 
 
-def _hi_first(conf: dict | None) -> bool:
+def _check_canonical(conf: dict | None) -> None:
+    """Data here is always high-nibble-first: ``loaders.nibble_order`` is the one owner of the
+    source order and the canonical loader swaps once. A conf still naming another order would be
+    a second, conflicting owner, so it is refused rather than decoded (or swapped) again."""
     order = (conf or {}).get("nibble_order", "high_first")
-    if order in ("high_first", "hi_first", "high_nibble_first"):
-        return True
-    if order in ("low_first", "lo_first", "low_nibble_first"):
-        return False
-    raise WanquantError("unknown FP4 nibble order", expected="high_first or low_first", found=str(order))
+    if order != "high_first":
+        raise WanquantError("fp4_g32 data must be canonical (high-nibble-first); load it through "
+                            "wanquant's loader, which owns the nibble order", expected="high_first",
+                            found=f"nibble_order {order!r}")
 
 
 class FP4G32(QuantFormat):
@@ -46,9 +49,13 @@ class FP4G32(QuantFormat):
         if k % GROUP or tuple(s.shape) != (n, k // GROUP) or not s.is_floating_point():
             raise WanquantError("fp4_g32 scale does not match the weight", expected=f"float [{n}, {k // GROUP}]",
                                 found=f"{s.dtype} {list(s.shape)}")
-        vals = decode_e2m1(w, _hi_first(conf), torch.float32).reshape(n, k // GROUP, GROUP)
-        full = vals.mul_(s.to(device=w.device, dtype=torch.float32).unsqueeze(-1)).reshape(n, k)  # fresh: in place
-        return full if out_dtype == torch.float32 else full.to(out_dtype)
+        _check_canonical(conf)
+        # decoded straight into a 16-bit compute dtype (E2M1 values are exact there; the scale is
+        # rounded to it once, e.g. exact for the release's bf16 scales): no fp32 temporary
+        dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else torch.float32
+        vals = decode_e2m1(w, True, dtype).reshape(n, k // GROUP, GROUP)
+        full = vals.mul_(s.to(device=w.device, dtype=dtype).unsqueeze(-1)).reshape(n, k)  # fresh: in place
+        return full if full.dtype == out_dtype else full.to(out_dtype)
 
     def quantize(self, w, *, generator=None, stochastic=False, conf=None):
         if w.ndim != 2 or w.shape[1] % GROUP:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import WanquantError
-from ._common import E4M3_MAX, E5M2_MAX, as_scalar_f32, fp8_to_float32, require, stochastic_round_fp8
+from ._common import E4M3_MAX, E5M2_MAX, as_scalar_f32, fp8_decode, require, stochastic_round_fp8
 from .base import QuantFormat
 
 
@@ -40,14 +40,13 @@ class Fp8PerTensor(QuantFormat):
         w = self.payload(tensors)
         s = self.scale(tensors).to(w.device)
         if out_dtype == torch.float32:
-            raw, factor = fp8_to_float32(w)
-            # raw * (s * 2**k) == w.f32 * s bit for bit: the power-of-two factor is exact
-            return raw.mul_(s * factor)
+            return fp8_decode(w).mul_(s)
         if out_dtype in (torch.bfloat16, torch.float16):
-            # fp8 values are exact in bf16/fp16; torch multiplies a reduced-precision tensor by an
-            # fp32 0-d tensor in fp32 and rounds once, so this equals (fp8.f32 * s).to(out).
-            return torch.mul(w.to(out_dtype), s)
-        return (w.to(torch.float32) * s).to(out_dtype)
+            # fp8 values (e4m3 and e5m2) are exact in bf16 and fp16; torch multiplies a reduced-precision
+            # tensor by an fp32 0-d tensor in fp32 and rounds once, so this equals
+            # (fp8.f32 * s).to(out) with no full-size fp32 temporary.
+            return torch.mul(fp8_decode(w, out_dtype), s)
+        return (fp8_decode(w) * s).to(out_dtype)
 
     def quantize(self, w, *, generator=None, stochastic=False, conf=None):
         if w.ndim != 2:

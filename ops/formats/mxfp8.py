@@ -12,7 +12,7 @@ import logging
 import torch
 
 from ...errors import WanquantError
-from ._common import (E4M3_MAX, fp8_decode_float32, from_blocked, kitchen, require, round_up, stochastic_round_fp8,
+from ._common import (E4M3_MAX, fp8_decode, from_blocked, kitchen, require, round_up, stochastic_round_fp8,
                       to_blocked)
 from .base import BlockScaledFormat
 
@@ -50,21 +50,25 @@ class MXFP8(BlockScaledFormat):
         return w, bs
 
     def dequantize_torch(self, tensors, out_dtype=torch.float32, conf=None):
+        """fp8 values times power-of-two block scales. In bf16 (fp32's exponent range) both the
+        decode and the product are exact, so bf16 is computed directly with no fp32 temporary;
+        fp16 cannot hold every 2**e, so it is computed in fp32 and rounded once."""
         w, bs = self._parts(tensors)
         rows, cols = w.shape
-        scales = e8m0_to_f32(from_blocked(bs, rows, cols // BLOCK))
-        full = fp8_decode_float32(w).reshape(rows, cols // BLOCK, BLOCK).mul_(scales.unsqueeze(-1)).reshape(rows, cols)
+        dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
+        scales = e8m0_to_f32(from_blocked(bs, rows, cols // BLOCK)).to(dtype)
+        full = fp8_decode(w, dtype).reshape(rows, cols // BLOCK, BLOCK).mul_(scales.unsqueeze(-1)).reshape(rows, cols)
         return self._finish(full, tensors, out_dtype, conf)
 
     def dequantize_kitchen(self, tensors, out_dtype=torch.float32, conf=None, ck=None):
         ck = ck or kitchen()
         w, bs = self._parts(tensors)
         full = ck.dequantize_mxfp8(w, bs.reshape(round_up(w.shape[0], 128), -1).view(torch.float8_e8m0fnu),
-                                   output_type=torch.float32)
+                                   output_type=out_dtype)
         return self._finish(full, tensors, out_dtype, conf)
 
     def kitchen_can_dequantize(self, ck) -> bool:
-        return hasattr(ck, "dequantize_mxfp8") and hasattr(torch, "float8_e8m0fnu")
+        return hasattr(torch, "float8_e8m0fnu") and super().kitchen_can_dequantize(ck)
 
     def quantize(self, w, *, generator=None, stochastic=False, conf=None):
         if w.ndim != 2:

@@ -55,18 +55,24 @@ class NVFP4(BlockScaledFormat):
         return w, bs, s2.to(w.device)
 
     def dequantize_torch(self, tensors, out_dtype=torch.float32, conf=None):
-        """Pure-torch dequant: unswizzle the block scales, table-decode the nibbles, scale."""
+        """Pure-torch dequant: unswizzle the block scales, table-decode the nibbles, scale.
+
+        Decodes straight into ``out_dtype`` (E2M1 values are exact in every float dtype) and
+        scales in place, so a 16-bit compute dtype never makes a full-size fp32 temporary. The
+        per-block scale is formed in ``out_dtype`` exactly as comfy-kitchen's own dequant forms it
+        (``s2.to(out) * block.to(out)``), so both give the same bits in every dtype."""
         w, bs, s2 = self._parts(tensors)
         rows, cols = w.shape[0], w.shape[1] * 2
-        vals = decode_e2m1(w, True, torch.float32).reshape(rows, cols // BLOCK, BLOCK)
-        total = s2 * from_blocked(bs, rows, cols // BLOCK).to(torch.float32)
+        dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else torch.float32
+        vals = decode_e2m1(w, True, dtype).reshape(rows, cols // BLOCK, BLOCK)
+        total = s2.to(dtype) * from_blocked(bs, rows, cols // BLOCK).to(dtype)
         full = vals.mul_(total.unsqueeze(-1)).reshape(rows, cols)  # vals is a fresh tensor: scale in place
         return self._finish(full, tensors, out_dtype, conf)
 
     def dequantize_kitchen(self, tensors, out_dtype=torch.float32, conf=None, ck=None):
         ck = ck or kitchen()
         w, bs, s2 = self._parts(tensors)
-        full = ck.dequantize_nvfp4(w, s2, bs.reshape(round_up(w.shape[0], 128), -1), output_type=torch.float32)
+        full = ck.dequantize_nvfp4(w, s2, bs.reshape(round_up(w.shape[0], 128), -1), output_type=out_dtype)
         return self._finish(full, tensors, out_dtype, conf)
 
     def quantize(self, w, *, generator=None, stochastic=False, conf=None):

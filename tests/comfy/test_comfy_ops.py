@@ -211,3 +211,32 @@ def test_fp4_g32_state_dict_round_trip_and_forced_errors(comfy, base_sd):
         load(comfy, qsd, ops)
     with pytest.raises(WanquantError):
         plan.finalize()  # fp8_matmul forced on a model without fp8 layers
+
+
+def test_fp4_g32_comfy_quant_nibble_order_applied_once(comfy, base_sd, tmp_path):
+    """A ``nibble_order`` inside an fp4_g32 ``comfy_quant`` is honoured exactly once on the way
+    from the file to ComfyUI (it used to be swapped at load and decoded low-first again:
+    0.36 relative output error). Reference: the fp64 spec decoder in the file's own order."""
+    from safetensors.torch import save_file
+
+    from tests.fixtures import ref_fp4_g32
+    from wanquant.nodes.bridge import build_canonical, split_extras
+    from wanquant.nodes.comfy_ops import build_operations
+    from wanquant.ops.formats import comfy_quant_tensor, swap_nibbles
+    qsd, _ = quantized(base_sd, lambda layer: "fp4_g32")
+    ref_sd = dict(base_sd)
+    for k in [k for k in qsd if k.endswith(".comfy_quant")]:
+        layer = k[: -len(".comfy_quant")]
+        low = swap_nibbles(qsd[f"{layer}.weight"])  # the file stores the low nibble first ...
+        qsd[f"{layer}.weight"] = low
+        qsd[k] = comfy_quant_tensor({"format": "fp4_g32", "group_size": 32, "nibble_order": "low_first"})
+        ref_sd[f"{layer}.weight"] = ref_fp4_g32(low, qsd[f"{layer}.weight_scale"], "low_first").float()
+    path = tmp_path / "fp4_low_tagged.safetensors"
+    save_file({k: v.contiguous() for k, v in qsd.items()}, str(path), metadata=dict(META))
+    model = build_canonical(str(path))
+    keep, _ = split_extras(model)
+    sd = {k: model.entries[k].load() for k in keep}
+    with torch.inference_mode():
+        ref_out = run(comfy, load(comfy, ref_sd))
+        out = run(comfy, load(comfy, sd, build_operations("dequant", torch.float32, torch.device("cpu"))[0]))
+    assert rel(out, ref_out) <= 2e-5

@@ -173,3 +173,35 @@ def test_inspect_and_remap_nodes(comfy_server, tmp_path):
     rep = load_canonical(saved).report
     assert not rep.missing and "vista4d" in rep.extras
     assert "kept extra modules: vista4d" in hist["outputs"]["1"]["text"][0]
+
+
+def test_nvfp4_scale_layout_option_reaches_the_loader(comfy_inprocess, tmp_path):
+    """Untagged NVFP4 with row-major scales on untrained weights: refused (naming the option) on
+    auto; with ``nvfp4_scale_layout="row_major"`` it loads and equals the fp64 reference model,
+    also when ComfyUI rebuilds it through cached_patcher_init."""
+    from wanquant.errors import WanquantError
+    from wanquant.nodes.bridge import load_wan_model
+    from wanquant.ops.formats import from_blocked, get_format
+    from fixtures import ref_nvfp4
+
+    sd = tiny_wan()
+    q, ref = dict(sd), dict(sd)
+    for layer in ("blocks.0.ffn.0", "blocks.1.ffn.0", "blocks.0.ffn.2"):
+        t, _ = get_format("nvfp4").quantize(sd[f"{layer}.weight"])
+        n, k = sd[f"{layer}.weight"].shape
+        q[f"{layer}.weight"] = t["weight"]
+        q[f"{layer}.weight_scale"] = from_blocked(t["weight_scale"].view(torch.float8_e4m3fn), n, k // 16).contiguous()
+        q[f"{layer}.weight_scale_2"] = t["weight_scale_2"]
+        ref[f"{layer}.weight"] = ref_nvfp4(t["weight"], t["weight_scale"], t["weight_scale_2"], (n, k)).float()
+    path = syn.save(q, tmp_path / "nvfp4_rowmajor.safetensors")
+    with pytest.raises(WanquantError, match="nvfp4-scale-layout"):
+        load_wan_model(str(path), policy="dequant", compute_dtype="fp32")
+    import comfy.sd
+    with torch.inference_mode():
+        res = load_wan_model(str(path), policy="dequant", compute_dtype="fp32", nvfp4_scale_layout="row_major")
+        factory, args = res.patcher.cached_patcher_init
+        again = factory(*args, disable_dynamic=True)
+        want = comfy.sd.load_diffusion_model_state_dict(ref)
+        got, got2, expect = _denoise(res.patcher), _denoise(again), _denoise(want)
+    rel = float((got.double() - expect.double()).norm() / expect.double().norm())
+    assert rel < 1e-4 and torch.equal(got, got2)

@@ -209,3 +209,16 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     rc = cli_main(["inspect", str(tmp_path / "nope.safetensors")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "no such file" in err
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1), (1, 1, 1)])
+def test_scalar_scale_of_any_all_ones_shape(tmp_path, shape):
+    """kijai's scaled fp8 of Animate stores some scalar scales as [1, 1] / [1, 1, 1]."""
+    scale = torch.tensor(0.0123, dtype=torch.float32).reshape(shape)
+
+    def mutate(q):
+        q["blocks.0.self_attn.q.scale_weight"] = scale
+    p = _fp8_file(tmp_path, mutate)
+    m = load_canonical(p)
+    ws = m.entries["blocks.0.self_attn.q.weight_scale"].load()
+    assert ws.shape == () and float(ws) == float(scale.reshape(()))

@@ -145,7 +145,7 @@ def test_mxfp8_kitchen_and_torch_identical_and_quantizer_matches_kitchen():
 # ------------------------------------------------------------------------------ fp4_g32
 
 @pytest.mark.parametrize("shape", [(64, 64), (33, 96)])
-def test_fp4_g32_dequant_matches_fp64_reference_both_nibble_orders(shape):
+def test_fp4_g32_dequant_matches_fp64_reference_high_first_only(shape):
     fmt = get_format("fp4_g32")
     w = torch.randn(shape, generator=torch.Generator().manual_seed(7))
     t, conf = fmt.quantize(w)
@@ -155,7 +155,10 @@ def test_fp4_g32_dequant_matches_fp64_reference_both_nibble_orders(shape):
     ref = ref_e2m1_unpack(t["weight"], hi_first=True) * t["weight_scale"].double().repeat_interleave(32, dim=1)
     torch.testing.assert_close(fmt.dequantize(t).double(), ref, rtol=1e-6, atol=0)
     low = {"weight": swap_nibbles(t["weight"]), "weight_scale": t["weight_scale"]}
-    assert torch.equal(fmt.dequantize(low, conf={"nibble_order": "low_first"}), fmt.dequantize(t))
+    torch.testing.assert_close(fmt.dequantize({"weight": swap_nibbles(low["weight"]), "weight_scale": t["weight_scale"]}).double(),
+                               ref, rtol=1e-6, atol=0)
+    with pytest.raises(WanquantError, match="canonical"):  # one owner of the order: the loader
+        fmt.dequantize(low, conf={"nibble_order": "low_first"})
     # the order matters: reading low-first data as high-first gives a different weight
     assert not torch.equal(fmt.dequantize(low), fmt.dequantize(t))
     # bf16 / fp16 scales (as in the naive FP4 release) are accepted
@@ -277,8 +280,40 @@ def test_fast_cpu_fp8_upcast_is_exact_for_every_byte(dtype):
     """All 256 bit patterns (except NaN) decode exactly as torch's own cast, incl. subnormals."""
     u8 = torch.arange(256, dtype=torch.uint8).repeat(3, 1)
     w = u8.view(dtype)
-    raw, factor = _common.fp8_to_float32(w, chunk_bytes=256)  # several chunks
     ref = w.to(torch.float32)
     ok = ~torch.isnan(ref)
     assert bool(ok.sum() >= 3 * 250)
-    assert torch.equal((raw * factor)[ok], ref[ok])
+    for out in (torch.float32, torch.bfloat16, torch.float16):  # every fp8 value is exact in all three
+        got = _common.fp8_decode(w, out)
+        assert got.dtype == out
+        assert torch.equal(got.float()[ok], ref[ok]), out
+        assert bool(torch.isnan(got.float()[~ok]).all())
+
+
+# 16-bit compute dtypes dequantize without an fp32 temporary of the weight's size. Tolerances
+# per element against the fp64 producer formula, in units of the dtype's relative spacing
+# (ULP_REL: 2**-7 bf16, 2**-10 fp16): fp8, and mxfp8 in bf16, are one exact product rounded
+# once (1/2 unit); nvfp4 rounds s2, s2*block and the product (kitchen's own order) and fp4_g32
+# the scale and the product (<= 2 units); plus fp16's subnormal spacing as an absolute floor.
+ULP_REL = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+
+@pytest.mark.parametrize("out", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "fp4_g32"])
+def test_16bit_dequant_matches_fp64_reference(fmt, out):
+    from wq_ops_refs import ref_dequant
+
+    g = torch.Generator().manual_seed(7)
+    n, k = 96, 128
+    w = torch.randn(n, k, generator=g) * torch.logspace(-3, 0, n).unsqueeze(1)  # rows over 3 decades
+    t, conf = get_format(fmt).quantize(w)
+    ref = ref_dequant(fmt, t, n, k)
+    got = get_format(fmt).dequantize(t, out_dtype=out, conf=conf)
+    assert got.dtype == out and tuple(got.shape) == (n, k)
+    exact = fmt.startswith("float8") or (fmt == "mxfp8" and out == torch.bfloat16)
+    rel = ULP_REL[out] / 2 if exact else 2 * ULP_REL[out]
+    err = (got.double() - ref).abs()
+    assert bool((err <= rel * ref.abs() + 2.0 ** -24).all()), float((err / ref.abs().clamp_min(1e-30)).max())
+    # and it is the fp32 dequant rounded to out, to within the stated extra unit
+    f32 = get_format(fmt).dequantize(t, out_dtype=torch.float32, conf=conf)
+    assert bool(((got.double() - f32.double()).abs() <= rel * f32.abs().double() + 2.0 ** -24).all())

@@ -13,8 +13,7 @@ import torch
 
 from wanquant.errors import WanquantError
 from wanquant.ops.formats import get_format
-from wanquant.ops.linear import (QuantLinear, activation_scale_fp8, linear_dequant, linear_fp8_scaled_mm,
-                                 quant_linear, quantize_activation_fp8)
+from wanquant.ops.linear import activation_scale_fp8, linear_dequant, linear_fp8_scaled_mm, quantize_activation_fp8
 from wq_ops_refs import ref_dequant, rel_err
 
 ALL = ["float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "fp4_g32"]
@@ -86,9 +85,9 @@ def test_fp8_static_input_scale_mode():
     # a static scale equal to the one dynamic scaling computes gives the identical result
     same = linear_fp8_scaled_mm(x, t["weight"], t["weight_scale"], b, input_scale=x.abs().amax() / 448)
     assert torch.equal(dyn, same)
-    # a calibrated scale (amax 2x larger than seen) is still accurate, through quant_linear too
+    # a calibrated scale (amax 2x larger than seen) is still accurate
     tensors = dict(t, input_scale=(x.abs().amax() * 2 / 448).reshape(()))
-    y = quant_linear(x, "fp8_matmul", "float8_e4m3fn", tensors, b)
+    y = linear_fp8_scaled_mm(x, t["weight"], t["weight_scale"], b, input_scale=tensors["input_scale"])
     assert rel_err(y, reference(x, w64, b)) <= 3e-2
     q, s = quantize_activation_fp8(x, tensors["input_scale"])
     assert torch.equal(s, tensors["input_scale"]) and float(q.float().abs().max()) <= 224
@@ -127,13 +126,10 @@ def test_zero_input_gives_bias_without_nan():
     torch.testing.assert_close(y, b.expand(3, 16), rtol=0, atol=0)
 
 
-def test_quant_linear_module_and_errors():
+def test_padded_dequant_linear_and_errors():
     t, conf, b, w64 = make("nvfp4", 37, 40)
-    mod = QuantLinear("nvfp4", t, b, conf, path="dequant")
     x = torch.randn(2, 3, 40)
-    assert rel_err(mod(x), reference(x, w64, b)) <= 2e-6
-    with pytest.raises(WanquantError):
-        quant_linear(x, "warp_speed", "nvfp4", t, b, conf)
+    assert rel_err(linear_dequant(x, "nvfp4", t, b, conf), reference(x, w64, b)) <= 2e-6
     with pytest.raises(WanquantError):
         linear_fp8_scaled_mm(torch.randn(2, 41), make("float8_e4m3fn", 8, 40)[0]["weight"], torch.tensor(1.0))
     with pytest.raises(WanquantError):
