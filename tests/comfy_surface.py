@@ -67,7 +67,7 @@ NAMES: dict[str, Use] = {
     "comfy_api.latest.io.Schema": Use(0, _SCHEMA),
     "comfy_api.latest.io.NodeOutput": Use(5, ("ui",)),
     "comfy_api.latest.io.Custom": Use(1),
-    "comfy_api.latest.io.Combo.Input": Use(1, ("options", "default", "tooltip")),
+    "comfy_api.latest.io.Combo.Input": Use(1, ("options", "default", "optional", "tooltip")),
     "comfy_api.latest.io.Boolean.Input": Use(1, _INPUT),
     "comfy_api.latest.io.Int.Input": Use(1, ("default", "min", "max", "step", "tooltip")),
     "comfy_api.latest.io.Float.Input": Use(1, ("default", "min", "max", "step", "tooltip")),
