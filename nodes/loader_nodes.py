@@ -67,18 +67,40 @@ def model_choices() -> list[str]:
     return sorted(names)
 
 
+def _walk_each_folder_once(root: str):
+    """os.walk following folder links, as ComfyUI's own listing does, but entering each real folder
+    once: a folder link to one of its parents would otherwise be walked until the path gets too long."""
+    seen = set()
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield dirpath, files
+
+
 def resolve(name: str) -> str:
-    """Full path of a choice, refusing names that leave the model folders."""
-    for root in folder_paths.get_folder_paths(MODEL_FOLDER):
+    """Full path of a choice. Like ComfyUI's ``folder_paths.get_full_path`` this follows links, so a
+    model symlinked into diffusion_models (the usual way to share models between installs) loads;
+    the *name* itself must stay inside the folders: an absolute name or '..' is refused, not rewritten.
+    (Shards named by an index are checked against the index's folder when the index is opened.)"""
+    folders = folder_paths.get_folder_paths(MODEL_FOLDER)
+    parts = name.replace("\\", "/").split("/")
+    if not name or os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts:
+        raise WanquantError(f"'{name}' leaves the {MODEL_FOLDER} folders",
+                            expected=f"a name relative to {', '.join(folders)}", found=repr(name))
+    dangling = []
+    for root in folders:
         candidate = Path(root, name)
-        try:
-            inside = candidate.resolve().is_relative_to(Path(root).resolve())
-        except OSError:
-            inside = False
-        if inside and candidate.exists():
+        if candidate.is_file():  # follows links, to files and through linked folders
             return str(candidate)
-    raise WanquantError(f"'{name}' was not found in the {MODEL_FOLDER} folders",
-                        expected=", ".join(folder_paths.get_folder_paths(MODEL_FOLDER)))
+        if candidate.is_symlink() and not candidate.exists():
+            dangling.append(f"{candidate} -> {os.readlink(candidate)}")
+    if dangling:
+        raise WanquantError(f"'{name}' is a link to nothing", expected="a link to an existing model file",
+                            found="; ".join(dangling))
+    raise WanquantError(f"'{name}' was not found in the {MODEL_FOLDER} folders", expected=", ".join(folders))
 
 
 def _files_signature(path: str) -> tuple:

@@ -9,7 +9,8 @@ Two ways to reach ComfyUI:
 * ``comfy_inprocess``: imports ComfyUI into this interpreter (CPU mode). Only possible when
   pytest itself runs in the ComfyUI venv (``$COMFY_PY -m pytest tests/comfy``); otherwise skips.
 
-Without ``COMFYUI_PATH`` every test here skips with the reason. CI has no ComfyUI.
+Without ``COMFYUI_PATH`` every test here skips with the reason. CI (``.ci/run``) sets it up from
+``../shared/comfyui`` and runs these on ComfyUI 0.33.0 and 0.29.0.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ STUBS = os.environ.get("WANQUANT_COMFY_STUBS", str(REPO.parent / "shared" / "com
 needs_comfyui = pytest.mark.skipif(
     not COMFYUI_PATH or not Path(COMFYUI_PATH, "main.py").is_file(),
     reason="COMFYUI_PATH is not set to a ComfyUI checkout; real-ComfyUI tests skipped "
-           "(see README: 'Tests against a real ComfyUI')",
+           "(see README: 'Tests', the full command)",
 )
 
 

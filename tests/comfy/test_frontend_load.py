@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
-websocket = pytest.importorskip("websocket", reason="websocket-client is not installed")
+websocket = pytest.importorskip("websocket", reason="websocket-client is not installed in this python "
+                                                    "(it is in the test extra: pip install -e '.[test]')")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = [
     pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="COMFYUI_PATH is not set; real-ComfyUI tests skipped"),
-    pytest.mark.skipif(not CHROMIUM, reason="no Chromium to load the frontend in"),
+    pytest.mark.skipif(not CHROMIUM, reason="no chromium, chromium-browser or google-chrome on PATH to load the "
+                                            "frontend in (Debian: apt-get install chromium)"),
 ]
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
 
