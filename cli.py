@@ -79,6 +79,14 @@ def cmd_demo(_args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    from .ops.probe import probe, render
+
+    rep = probe(bench=not args.no_bench)
+    print(json.dumps(rep, indent=1) if args.json else render(rep))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wanquant", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
@@ -99,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="target for FP4 group-32 layers, which stock ComfyUI cannot load (default float8_e4m3fn)")
     pc.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto")
     pc.set_defaults(func=cmd_convert)
+
+    pp = sub.add_parser("probe", help="what runs fast on this machine and why, plus a short (<= 10 s) benchmark")
+    pp.add_argument("--json", action="store_true", help="print one JSON object")
+    pp.add_argument("--no-bench", action="store_true", help="skip the micro-benchmark")
+    pp.set_defaults(func=cmd_probe)
 
     sub.add_parser("remap", parents=[], add_help=True,
                    help="alias of convert (diffusers/Vista4D/WorldStereo keys → native)").set_defaults(func=None)
