@@ -305,7 +305,7 @@ _PATH_TEXT = {FP8_MATMUL: "fp8 tensor-core matmul", KITCHEN_MATMUL: "kitchen blo
 
 def render_capability_table() -> str:
     """The README's "What runs fast where" table, rendered from ``choose`` on ``DEVICE_CLASSES``
-    (formats with identical rows share one). tests/test_readme_policy_table.py keeps the README
+    (formats with identical rows share one). tests/ops/test_probe.py keeps the README
     equal to this; regenerate with ``python -m wanquant.ops.policy``."""
     rows: dict[tuple[str, ...], list[str]] = {}
     for fmt in FORMAT_NAMES:
