@@ -258,7 +258,8 @@ def _build_files(folder: Path, size: dict, dev: torch.device) -> dict[str, Path]
     fp8, _ = syn.comfy_native(sd, {l: "float8_e4m3fn" for l in layers})
     files["float8_e4m3fn"] = syn.save(fp8, folder / "wan_fp8.safetensors")
     del fp8
-    big = {k: (v.to(dev) if k[:-len(".weight")] in layers else v) for k, v in sd.items()}  # quantize on the GPU
+    on_dev = {f"{l}.weight" for l in layers}
+    big = {k: (v.to(dev) if k in on_dev else v) for k, v in sd.items()}  # quantize on the GPU
     fp4 = {k: v.cpu() for k, v in syn.fp4_g32(big, layers, order="low_first").items()}
     files["fp4_g32"] = syn.save(fp4, folder / "wan_fp4_g32.safetensors")
     return files
@@ -376,14 +377,20 @@ def _ours(frame) -> bool:
     return bool(parts) and parts[0] in ("ops", "nodes", "loaders", "pose")
 
 
+def _where(brk) -> str:
+    """A graph break in our code as 'reason at file:line' (the deepest frame of ours)."""
+    frame = [f for f in brk.user_stack if _ours(f)][-1]
+    return f"{str(brk.reason).splitlines()[0]} at {Path(frame.filename).name}:{frame.lineno}"
+
+
 def _compile_check(rep, mm, load, path, fmt, cdt, dev, quick, eager_out, run_compiled):
+    import torch._dynamo as dynamo
+
     name = f"comfy.compile.{fmt}"
     if eager_out is None:
         rep.add("SKIP", name, "the eager denoiser call failed")
         return
     try:
-        import torch._dynamo as dynamo
-
         res = load(str(path), policy="auto", compute_dtype=cdt)
         mm.load_models_gpu([res.patcher], force_full_load=True)
         dm = res.patcher.model.diffusion_model
@@ -401,7 +408,7 @@ def _compile_check(rep, mm, load, path, fmt, cdt, dev, quick, eager_out, run_com
                   f"{ex.graph_break_count} breaks, {len(ours)} in wanquant code"
                   + (f"; breaks: {' | '.join(reasons[:6])}" if reasons else ""))
         rep.check(not ours, name + ".graph_breaks", detail, graph_breaks=ex.graph_break_count,
-                  ours=[f"{b.reason}".splitlines()[0] for b in ours], reasons=reasons)
+                  ours=[_where(b) for b in ours], reasons=reasons)
         if run_compiled and not rep.out_of_time(name + ".run", 120):
             dynamo.reset()
             cm = torch.compile(dm)
