@@ -111,6 +111,14 @@ DESCRIPTION = ("Inspect, convert (remap) and LoRA-merge quantized Wan video DiT 
                "Run with no command for a demo on a tiny built-in example.")
 
 
+def cmd_probe(args) -> int:
+    from .ops.probe import probe, render
+
+    rep = probe(bench=not args.no_bench)
+    print(json.dumps(rep, indent=1) if args.json else render(rep))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wanquant", description=DESCRIPTION)
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
@@ -135,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="alias of convert (diffusers/Vista4D/WorldStereo keys → native)",
                                  description="Same as `wanquant convert`: rewrite diffusers/Vista4D/WorldStereo "
                                              "keys to native and write ComfyUI's native format."))
+    pp = sub.add_parser("probe", parents=verbose,
+                        help="what runs fast on this machine and why, plus a short (<= 10 s) benchmark")
+    pp.add_argument("--json", action="store_true", help="print one JSON object")
+    pp.add_argument("--no-bench", action="store_true", help="skip the micro-benchmark")
+    pp.set_defaults(func=cmd_probe)
     _register_extra_commands(sub, verbose)
     return p
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..ops.formats import get_format
 from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
 from ..ops.policy import choose, probe_device
+from ..ops.probe import kitchen_layout_linear
 
 SHAPES = {"qkvo": (5120, 5120), "ffn0": (13824, 5120), "ffn2": (5120, 13824)}  # name -> (N, K)
 SHAPE_LABELS = {"qkvo": "q/k/v/o 5120x5120", "ffn0": "ffn.0 5120->13824", "ffn2": "ffn.2 13824->5120"}
@@ -123,7 +124,7 @@ def main(argv=None):
                 paths["fp8_matmul scale=1 (ComfyUI)"] = lambda: linear_fp8_scaled_mm(
                     xin, t["weight"], t["weight_scale"], input_scale=torch.tensor(1.0, device=dev))
             if fmt in ("nvfp4", "mxfp8") and choose(fmt, caps).path == "kitchen_matmul":
-                paths["kitchen_matmul (ComfyUI's layout)"] = _kitchen_linear(xin, fmt, w)
+                paths["kitchen_matmul (ComfyUI's layout)"] = kitchen_layout_linear(xin, fmt, w)
             print(f"  {fmt}: weight rel err {werr:.4f}; bf16 dense (same W) output rel err {bf_err:.5f}")
             for pname, fn in paths.items():
                 try:
@@ -142,15 +143,6 @@ def main(argv=None):
         if gpu:
             torch.cuda.empty_cache()
     return rows
-
-
-def _kitchen_linear(x, fmt, w):
-    """The path ComfyUI's own forward runs for NVFP4/MXFP8 on SM 10+: ``F.linear`` on a
-    comfy-kitchen ``QuantizedTensor`` of ComfyUI's layout (kitchen quantizes the activations)."""
-    from comfy_kitchen.tensor import QuantizedTensor
-
-    qt = QuantizedTensor.from_float(w.to(x.dtype), {"nvfp4": "TensorCoreNVFP4Layout", "mxfp8": "TensorCoreMXFP8Layout"}[fmt])
-    return lambda: F.linear(x, qt)
 
 
 if __name__ == "__main__":

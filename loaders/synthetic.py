@@ -208,7 +208,7 @@ def comfy_native(sd, formats: dict[str, str] | str = "float8_e4m3fn", *, header_
 
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     """Round-to-nearest E2M1 code (sign in bit 3) for values already divided by their group scale."""
-    values = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+    values = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=x.device)
     idx = (x.abs().unsqueeze(-1) - values).abs().argmin(-1)
     return (idx | ((x < 0).to(torch.int64) << 3)).to(torch.uint8)
 

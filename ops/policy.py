@@ -90,20 +90,67 @@ def _caps(device) -> DeviceCaps:
     return device if isinstance(device, DeviceCaps) else probe_device(device)
 
 
+# ------------------------------------------------------------------ the capability table
+
+@dataclass(frozen=True)
+class Capability:
+    """One hardware fact: ``path`` serves ``formats`` from SM ``min_sm`` on, with torch >=
+    ``min_torch`` (only below SM ``torch_gate_below`` when that is set, as ComfyUI gates fp8) and,
+    for kitchen paths, a comfy-kitchen GPU backend listing ``kitchen_op``."""
+
+    path: str
+    formats: tuple[str, ...]
+    min_sm: tuple[int, int]
+    hardware: str
+    min_torch: tuple[int, int] | None = None
+    torch_gate_below: tuple[int, int] | None = None
+    kitchen_op: str | None = None
+
+    def needs_torch(self, sm: tuple[int, int]) -> tuple[int, int] | None:
+        if self.min_torch is None or (self.torch_gate_below is not None and sm >= self.torch_gate_below):
+            return None
+        return self.min_torch
+
+
+#: The single source of "which SM runs which path": ``choose``'s reasons, the hardware probe and
+#: the README's "What runs fast where" table (``render_capability_table``) all derive from it.
+#: The gates are ComfyUI's own (``supports_fp8_compute``, ``supports_nvfp4_compute``,
+#: ``supports_mxfp8_compute``) plus comfy-kitchen's ``list_backends`` for the block-scaled matmul.
+CAPABILITIES = (
+    Capability(FP8_MATMUL, tuple(FP8_FORMATS), (8, 9), "fp8 tensor cores (torch._scaled_mm)",
+               min_torch=(2, 3), torch_gate_below=(9, 0)),
+    Capability(KITCHEN_MATMUL, ("nvfp4",), (10, 0), "NVFP4 tensor cores (comfy-kitchen)",
+               kitchen_op="scaled_mm_nvfp4"),
+    Capability(KITCHEN_MATMUL, ("mxfp8",), (10, 0), "MXFP8 tensor cores (comfy-kitchen)",
+               min_torch=(2, 10), kitchen_op="scaled_mm_mxfp8"),
+)
+
+
+def capability(fmt: str) -> Capability | None:
+    """The table row for a format's fast path (None: weight-only dequant everywhere)."""
+    return next((c for c in CAPABILITIES if fmt in c.formats), None)
+
+
+def _sm_text(sm) -> str:
+    return f"{sm[0]}.{sm[1]}"
+
+
 # ------------------------------------------------------------------ capability predicates
 
 def fp8_matmul_native(c: DeviceCaps) -> tuple[bool, str]:
     """fp8 tensor cores: NVIDIA SM 9.0+, or SM 8.9 with torch >= 2.3 (ComfyUI's gate)."""
+    cap = capability(FP8_FORMATS[0])
     if c.device_type != "cuda":
         return False, f"{c.device_type.upper()} has no fp8 tensor cores"
     if c.is_hip:
         return False, "ROCm fp8 matmul is not verified by wanquant"
-    if c.sm is None or c.sm < (8, 9):
-        sm = f"{c.sm[0]}.{c.sm[1]}" if c.sm else "?"
-        return False, f"SM {sm} has no fp8 matmul (needs 8.9+)"
-    if c.sm == (8, 9) and c.torch_version < (2, 3):
-        return False, "SM 8.9 fp8 matmul needs torch >= 2.3"
-    return True, f"SM {c.sm[0]}.{c.sm[1]} has fp8 tensor cores"
+    if c.sm is None or c.sm < cap.min_sm:
+        sm = _sm_text(c.sm) if c.sm else "?"
+        return False, f"SM {sm} has no fp8 matmul (needs {_sm_text(cap.min_sm)}+)"
+    need = cap.needs_torch(c.sm)
+    if need and c.torch_version < need:
+        return False, f"SM {_sm_text(c.sm)} fp8 matmul needs torch >= {_sm_text(need)}"
+    return True, f"SM {_sm_text(c.sm)} has fp8 tensor cores"
 
 
 def fp8_matmul_possible(c: DeviceCaps) -> tuple[bool, str]:
@@ -121,21 +168,24 @@ def kitchen_matmul_possible(c: DeviceCaps, fmt: str) -> tuple[bool, str]:
     SM >= 10; ``supports_mxfp8_compute``: also torch >= 2.10) and by kitchen's own report: one
     of its GPU backends must list ``scaled_mm_<fmt>`` (its eager fallback is no tensor-core path).
     The reason names every condition that failed."""
+    cap = capability(fmt)
     missing = []
     if c.device_type != "cuda" or c.is_hip:
-        return False, f"{fmt} matmul needs an NVIDIA GPU (SM 10+); {c.device_type.upper()} dequantizes"
-    if c.sm is None or c.sm[0] < 10:
-        missing.append(f"SM {c.sm[0]}.{c.sm[1]} < 10.0" if c.sm else "unknown SM")
-    if fmt == "mxfp8" and c.torch_version < (2, 10):
-        missing.append("torch < 2.10")
-    op = f"scaled_mm_{fmt}"
+        return False, (f"{fmt} matmul needs an NVIDIA GPU (SM {_sm_text(cap.min_sm)}+); "
+                       f"{c.device_type.upper()} dequantizes")
+    if c.sm is None or c.sm < cap.min_sm:
+        missing.append(f"SM {_sm_text(c.sm)} < {_sm_text(cap.min_sm)}" if c.sm else "unknown SM")
+    need = cap.needs_torch(c.sm or (0, 0))
+    if need and c.torch_version < need:
+        missing.append(f"torch < {_sm_text(need)}")
+    op = cap.kitchen_op
     if not c.kitchen:
         missing.append("comfy-kitchen not importable")
     elif op not in c.kitchen_gpu_ops:
         missing.append(f"comfy-kitchen has no GPU backend for {op}" + (f" ({c.kitchen_note})" if c.kitchen_note else ""))
     if missing:
         return False, f"{fmt} matmul unavailable: " + ", ".join(missing)
-    return True, f"SM {c.sm[0]}.{c.sm[1]}, comfy-kitchen GPU backend lists {op}"
+    return True, f"SM {_sm_text(c.sm)}, comfy-kitchen GPU backend lists {op}"
 
 
 # ------------------------------------------------------------------------------ choose
@@ -235,6 +285,40 @@ def choose(fmt: str | None, device=None, option: str = "auto", *, conf: dict | N
 
     # fp4_g32: no tensor-core kernel for group-32 E2M1 with float scales; weight-only everywhere
     return Choice(DEQUANT, "fp4_g32 has no tensor-core kernel; weight-only dequant")
+
+
+# ------------------------------------------------------------------ README table
+
+_KITCHEN_ALL = frozenset(c.kitchen_op for c in CAPABILITIES if c.kitchen_op)
+#: README columns: a representative device per class (recent torch, comfy-kitchen with its GPU backend)
+DEVICE_CLASSES = (
+    ("NVIDIA SM 10+/12 (Blackwell) with a comfy-kitchen GPU backend",
+     DeviceCaps("cuda", (10, 0), "Blackwell", (2, 10), (13, 0), False, True, _KITCHEN_ALL)),
+    ("SM 8.9 / 9.0 (Ada, Hopper)", DeviceCaps("cuda", (9, 0), "Hopper", (2, 10), (13, 0), False, True, _KITCHEN_ALL)),
+    ("SM 8.6 and older (Ampere: 3090, A100)",
+     DeviceCaps("cuda", (8, 6), "Ampere", (2, 10), (13, 0), False, True, _KITCHEN_ALL)),
+    ("CPU / other", DeviceCaps("cpu", None, "cpu", (2, 10), None, False, True)),
+)
+_PATH_TEXT = {FP8_MATMUL: "fp8 tensor-core matmul", KITCHEN_MATMUL: "kitchen block-scaled matmul",
+              DEQUANT: "dequantize per forward"}
+
+
+def render_capability_table() -> str:
+    """The README's "What runs fast where" table, rendered from ``choose`` on ``DEVICE_CLASSES``
+    (formats with identical rows share one). tests/ops/test_probe.py keeps the README
+    equal to this; regenerate with ``python -m wanquant.ops.policy``."""
+    rows: dict[tuple[str, ...], list[str]] = {}
+    for fmt in FORMAT_NAMES:
+        cells = []
+        for _, caps in DEVICE_CLASSES:
+            ch = choose(fmt, caps)
+            cells.append(f"{_PATH_TEXT[ch.path]}: {ch.reason}")
+        rows.setdefault(tuple(cells), []).append(f"`{fmt}`")
+    lines = ["| weight format | " + " | ".join(label for label, _ in DEVICE_CLASSES) + " |",
+             "|---" * (len(DEVICE_CLASSES) + 1) + "|"]
+    for cells, fmts in rows.items():
+        lines.append(f"| {' / '.join(fmts)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ report
@@ -380,3 +464,7 @@ class OpsPlan:
             lines.append(f"{lc.name}{shape} [{fmt}] -> {lc.choice.path}: {lc.choice.reason}"
                          + (" (forced)" if lc.choice.forced else ""))
         return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover - regenerates the README table
+    print(render_capability_table())

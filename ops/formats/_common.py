@@ -222,8 +222,9 @@ def fp8_decode(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Ten
 
     On CPU, torch's fp8 cast is a slow scalar loop (COMFYUI.md §5): a 256-entry table in the
     target dtype indexed by the raw bytes through numpy does one pass (~2x faster than the cast
-    here, ~10x faster than a bit-twiddling decode). Elsewhere the cast is a fused kernel."""
-    if w.device.type != "cpu" or not w.is_contiguous() or dtype.itemsize not in (2, 4):
+    here, ~10x faster than a bit-twiddling decode). Elsewhere, and under torch.compile, the cast."""
+    if (w.device.type != "cpu" or not w.is_contiguous() or dtype.itemsize not in (2, 4)
+            or torch.compiler.is_compiling()):  # compiled: a numpy table guard fails under inference_mode
         return w.to(dtype)
     key = ("fp8", w.dtype, dtype)
     table = _LUT_CACHE.get(key)
