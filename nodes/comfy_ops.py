@@ -81,16 +81,16 @@ if QuantizedLayout is not None:
             return get_format("fp4_g32").decode(qdata, params.scale, params.orig_dtype, hi_first=params.hi_first)
 
         @staticmethod
-        def _canonical(qdata, params):
+        def _wq_canonical(qdata, params):
             return qdata if params.hi_first else swap_nibbles(qdata)
 
         @classmethod
         def get_plain_tensors(cls, qtensor):
-            return cls._canonical(qtensor._qdata, qtensor._params), qtensor._params.scale
+            return cls._wq_canonical(qtensor._qdata, qtensor._params), qtensor._params.scale
 
         @classmethod
         def state_dict_tensors(cls, qdata, params):
-            return {"": cls._canonical(qdata, params), "_scale": params.scale}
+            return {"": cls._wq_canonical(qdata, params), "_scale": params.scale}
 
     register_layout_class(FP4G32_LAYOUT, FP4G32Layout)
 
@@ -243,9 +243,12 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 fast = choice.path == FP8_MATMUL and fmt in FP8_FORMATS and not patched
                 with _cast_weights(self, input, want_requant=fast) as (weight, bias):
                     if isinstance(weight, QuantizedTensor):
-                        if fmt == "fp4_g32":  # our own layout decodes its qdata as stored, into input's dtype
+                        if fmt == "fp4_g32":  # our own layout: decode qdata in its stored order, into input's dtype
                             self._wq_record(DEQUANT, patched)
-                            return torch.nn.functional.linear(input, weight.dequantize().to(input.dtype), bias)
+                            params = weight._params  # plain tensors and a bool: traceable by torch.compile
+                            w = get_format("fp4_g32").decode(weight._qdata, params.scale, input.dtype,
+                                                             hi_first=params.hi_first)
+                            return torch.nn.functional.linear(input, w, bias)
                         tensors = plain_tensors(weight)
                         if fast:
                             self._wq_record(FP8_MATMUL)

@@ -58,7 +58,7 @@ NAMES: dict[str, Use] = {
     "folder_paths.get_filename_list": Use(1),
     "folder_paths.get_full_path_or_raise": Use(2),
     "folder_paths.add_model_folder_path": Use(2),
-    "folder_paths.folder_names_and_paths": Use(),
+    "folder_paths.folder_names_and_paths.get": Use(2),
     "folder_paths.filename_list_cache.pop": Use(2),
     "folder_paths.models_dir": Use(),
     # the V3 node API
