@@ -17,8 +17,6 @@ peak extra memory over the inputs, and the relative error against an fp64 refere
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -26,44 +24,12 @@ import torch.nn.functional as F
 from ..ops.formats import get_format
 from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
 from ..ops.policy import choose, probe_device
-from ..ops.probe import kitchen_layout_linear
+from ..ops.probe import kitchen_layout_linear, median_time, peak_extra_bytes
 
 SHAPES = {"qkvo": (5120, 5120), "ffn0": (13824, 5120), "ffn2": (5120, 13824)}  # name -> (N, K)
 SHAPE_LABELS = {"qkvo": "q/k/v/o 5120x5120", "ffn0": "ffn.0 5120->13824", "ffn2": "ffn.2 13824->5120"}
 FORMATS = ("float8_e4m3fn", "nvfp4", "mxfp8", "fp4_g32")
 REF_ROWS = 128
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def timed(fn, dev, warmup, reps):
-    for _ in range(warmup):
-        fn()
-    _sync(dev)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def peak_extra(fn, dev):
-    """Peak bytes allocated during fn beyond what was allocated before (CUDA only)."""
-    if dev.type != "cuda":
-        return None
-    _sync(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    before = torch.cuda.memory_allocated(dev)
-    out = fn()
-    _sync(dev)
-    peak = torch.cuda.max_memory_allocated(dev) - before
-    del out
-    return peak
 
 
 def rel(y, ref):
@@ -92,7 +58,6 @@ def main(argv=None):
         ap.error(f"unknown shape {unknown[0]!r}; choose from {', '.join(SHAPES)}")
     caps = probe_device(dev)
     print(f"device: {caps.describe()}  torch {torch.__version__}  M={m}  threads={torch.get_num_threads()}")
-    compute = torch.bfloat16 if gpu else torch.float32
     g = torch.Generator().manual_seed(0)
     rows = []
     for sname in args.shapes.split(","):
@@ -101,11 +66,11 @@ def main(argv=None):
         x = (torch.randn(m, k, generator=g) * 2).to(dev)
         xb, xf = x.to(torch.bfloat16), x.float()
         wb = w.to(torch.bfloat16)
-        t_bf16 = timed(lambda: F.linear(xb, wb), dev, 2, reps)
+        t_bf16 = median_time(lambda: F.linear(xb, wb), dev, 2, reps)
         base = {"bf16": t_bf16}
         if not gpu:
             wf = w.float()
-            base["fp32"] = timed(lambda: F.linear(xf, wf), dev, 1, reps)
+            base["fp32"] = median_time(lambda: F.linear(xf, wf), dev, 1, reps)
             del wf
         print(f"\n{SHAPE_LABELS[sname]}: bf16 dense {t_bf16 * 1e3:.2f} ms" +
               (f", fp32 dense {base['fp32'] * 1e3:.2f} ms" if "fp32" in base else ""))
@@ -128,8 +93,8 @@ def main(argv=None):
             print(f"  {fmt}: weight rel err {werr:.4f}; bf16 dense (same W) output rel err {bf_err:.5f}")
             for pname, fn in paths.items():
                 try:
-                    tp = timed(fn, dev, 2 if gpu else 1, reps)
-                    mem = peak_extra(fn, dev)
+                    tp = median_time(fn, dev, 2 if gpu else 1, reps)
+                    mem = peak_extra_bytes(fn, dev)
                     err = rel(fn()[:REF_ROWS], ref)
                 except Exception as exc:  # noqa: BLE001 - report and continue with the other paths
                     print(f"    {pname:32s} failed: {type(exc).__name__}: {exc}")
