@@ -83,16 +83,27 @@ def test_dst_path_shapes_refused(tmp_path, src, capsys, make, why):
     assert not (tmp_path / "missing").exists() and not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only folder")
+def _read_only_folder(folder):
+    """A folder this process cannot write into. Mode 0555 stops everyone but root; root (CI runs
+    as root) is stopped by the immutable attribute, which even root's writes obey."""
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return lambda: folder.chmod(0o755)
+    run = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
+    if run.returncode:
+        pytest.skip(f"running as root and `chattr +i` failed ({run.stderr.strip()}): no folder root cannot write")
+    return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
 def test_dst_in_read_only_folder(tmp_path, src, capsys):
     ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
+    undo = _read_only_folder(ro)
     try:
         err = one_line_error(capsys, cli_main(["convert", str(src), str(ro / "o.safetensors")]))
         assert "not writable" in err
     finally:
-        ro.chmod(0o755)
+        undo()
 
 
 def test_dst_refused_before_any_work(tmp_path, capsys):
