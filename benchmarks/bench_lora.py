@@ -45,6 +45,9 @@ def _comfy():
     path = os.environ.get("COMFYUI_PATH")
     if path and path not in sys.path:
         sys.path.insert(0, path)
+    stubs = os.environ.get("WANQUANT_COMFY_STUBS")  # CPU stand-ins for torchvision/torchaudio (shared/comfyui)
+    if stubs and stubs not in sys.path:
+        sys.path.insert(0, stubs)
     try:
         from comfy.cli_args import args
 
