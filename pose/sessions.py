@@ -9,7 +9,6 @@ got CPU" is the most common complaint about ONNX pose nodes.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,6 @@ log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
-                     "onnxruntime-rocm")
 
 EXPECTED_IO = {
     "detector": "input [1,3,640,640] float32 (images, RGB 0..1); output [1,N,6] (x1,y1,x2,y2,score,class) "
@@ -34,15 +31,11 @@ _preloaded = False
 
 
 def installed_ort_distributions() -> list[str]:
-    """Which onnxruntime wheels are installed (several at once shadow each other)."""
-    found = []
-    for name in ORT_DISTRIBUTIONS:
-        try:
-            importlib.metadata.version(name)
-            found.append(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return found
+    """Which onnxruntime wheels are installed (several at once shadow each other); install.py,
+    which must run on its own, owns the list and the lookup."""
+    from ..install import installed
+
+    return installed()
 
 
 def warn_duplicate_ort() -> None:
