@@ -90,8 +90,8 @@ def _median_time(fn, reps: int):
 
 
 def run(blocks: int, formats: list[str], strength: float, reps: int = 3, linears=BLOCK_LINEARS) -> list[dict]:
-    from wanquant.loaders.lora import LoraPatch
-    from wanquant.loaders.lora_merge import comfy_seed, merge_quantized, total_delta
+    from wanquant.lora.keys import LoraPatch
+    from wanquant.lora.merge import comfy_seed, merge_quantized, total_delta
     from wanquant.ops.formats import get_format
 
     comfy = _comfy()

@@ -32,8 +32,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..errors import WanquantError
-from ..loaders.lora import LoraMatch, match_lora, read_lora
-from ..loaders.lora_merge import QUANT_SIDE_SUFFIXES, LoraWeightFunction, group_patches, total_delta
+from ..lora.keys import LoraMatch, match_lora, read_lora
+from ..lora.merge import QUANT_SIDE_SUFFIXES, LoraWeightFunction, group_patches, total_delta
 
 log = logging.getLogger(__name__)
 

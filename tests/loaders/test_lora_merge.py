@@ -1,4 +1,4 @@
-"""Merging LoRAs into quantized weights (loaders/lora_merge.py) and the merge-lora command.
+"""Merging LoRAs into quantized weights (lora/merge.py) and the merge-lora command.
 
 Every target format × every LoRA spelling: the merged file is read back and each patched weight
 is compared with an fp64 reference ``W + strength·(alpha/rank)·up@down`` (+ diff / diff_b / diff_m)
@@ -18,8 +18,8 @@ from wanquant.cli import main as cli_main
 from wanquant.errors import WanquantError
 from wanquant.loaders import synthetic
 from wanquant.loaders.canonical import load_canonical
-from wanquant.loaders.lora import STYLES, match_lora, parse_lora, render_lora
-from wanquant.loaders.lora_merge import (LoraWeightFunction, canonical_shapes, comfy_seed, group_patches,
+from wanquant.lora.keys import STYLES, match_lora, parse_lora, render_lora
+from wanquant.lora.merge import (LoraWeightFunction, canonical_shapes, comfy_seed, group_patches,
                                          merge_lora_file, merge_quantized, parse_lora_arg, total_delta)
 from wanquant.ops.formats import comfy_quant_tensor, get_format
 

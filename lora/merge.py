@@ -26,9 +26,9 @@ import torch
 
 from ..errors import WanquantError
 from ..ops.formats import comfy_quant_tensor, get_format
-from .canonical import CanonicalModel, Entry, load_canonical
-from .lora import LoraMatch, LoraPatch, lora_key_example, match_lora, read_lora
-from .writer import check_destination, write_safetensors
+from ..loaders.canonical import CanonicalModel, Entry, load_canonical
+from .keys import LoraMatch, LoraPatch, lora_key_example, match_lora, read_lora
+from ..loaders.writer import check_destination, write_safetensors
 
 log = logging.getLogger(__name__)
 
