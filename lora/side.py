@@ -44,7 +44,10 @@ class LoraSide:
     def term(name: str, strength: float | torch.Tensor, up: torch.Tensor | None = None,
              down: torch.Tensor | None = None, scale: float = 1.0, diff_b: torch.Tensor | None = None) -> SideTerm:
         """A term from a LoRA's up [N, r] / down [r, K] and its alpha/rank ``scale``, and/or a bias diff."""
-        s = strength if isinstance(strength, torch.Tensor) else torch.tensor(float(strength), dtype=torch.float32)
+        if not isinstance(strength, torch.Tensor):
+            with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; this one must stay writable
+                strength = torch.tensor(float(strength), dtype=torch.float32)
+        s = strength
         if up is None:
             return SideTerm(name, None, None, s, diff_b.reshape(-1))
         up2 = up.reshape(up.shape[0], -1)
