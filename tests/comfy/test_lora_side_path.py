@@ -215,3 +215,30 @@ def test_nvfp4_error_compensation_side_path_beats_merge(comfy_inprocess, tmp_pat
     print(f"NVFP4 + error-compensation LoRA, output error vs bf16: {rel}")
     assert rel["side"] < 0.5 * rel["merge"], rel
     assert rel["side"] < 0.9 * rel["none"], rel  # rank 32 of flat quantization noise: a part of it
+
+
+def test_side_path_composes_with_comfyuis_own_lora_loader(comfy_inprocess, tmp_path):
+    """Our side path + ComfyUI's LoraLoader (its own patches, merged into the fp8 weight at load) on
+    one wanquant-loaded layer: the output is ComfyUI's patched layer plus exactly our delta."""
+    import comfy.sd
+
+    sd, _, base = _fp8_model(tmp_path, seed=7)
+    ours, theirs = _lora_def(sd, 41), _lora_def(sd, 42)
+    del theirs[LAYER]["diff_b"]
+    f = syn.save(render_lora(ours, "peft"), tmp_path / "ours.safetensors")
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        comfy_only, _ = comfy.sd.load_lora_for_models(base, None, render_lora(theirs, "comfy"), 0.5, 0.0)
+    y_comfy, _ = _layer_out(comfy_only, LAYER, x)
+    comfy_only.unpatch_model()
+    for order in ("ours first", "comfy first"):
+        if order == "ours first":
+            fly, _ = _apply(base, f, 0.7)
+            with torch.inference_mode():
+                both, _ = comfy.sd.load_lora_for_models(fly, None, render_lora(theirs, "comfy"), 0.5, 0.0)
+        else:
+            both, _ = _apply(comfy_only, f, 0.7)
+        y, _ = _layer_out(both, LAYER, x)
+        both.unpatch_model()
+        want = _delta64(ours, 0.7, LAYER, x)
+        assert float(((y.double() - y_comfy.double()) - want).norm() / want.norm()) < 1e-5, order
