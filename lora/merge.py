@@ -189,6 +189,9 @@ class MergeStats:
             out.append(f"merged {len(r)} quantized layers: LoRA change ‖ΔW‖/‖W‖ mean {sum(d) / len(d):.2e}; "
                        f"requantization (fresh scale, {self.rounding} rounding) added relative error mean "
                        f"{sum(r) / len(r):.2e}, max {max(r):.2e}")
+            worst = sorted(self.delta_rel, key=lambda n: -self.requant_rel[n])[:5]
+            out.append("  largest added error per layer: "
+                       + ", ".join(f"{n} {self.requant_rel[n]:.3e}" for n in worst))
         if self.reencoded:
             tos = sorted(set(self.reencoded.values()))
             out.append(f"{len(self.reencoded)} FP4 group-32 layers written as {', '.join(tos)} "
