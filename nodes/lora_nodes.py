@@ -8,9 +8,13 @@ dynamic VRAM keep working. What it lacks is added here: the key mapping for diff
 ai-toolkit names and lightx2v's ``diff_m``, shape and variant checks *before* anything is touched
 (a bad LoRA leaves the model as it was), and a report.
 
-``on the fly`` hands each patched layer a ``weight_function`` (ComfyUI's own hook, run after the
-weight is cast and dequantized on every forward) instead, so the stored quantized weights never
-change and no requantization error is added; those layers run the dequantize path. ComfyUI's
+``on the fly`` never changes the stored quantized weights (no requantization error). On layers of
+a model from wanquant's loader (``nodes.comfy_ops``' Linear, which has a ``wanquant_lora``
+attribute) low-rank patches and bias diffs go on the low-rank side path (``lora.side``), set as an
+object patch per MODEL clone (applied at patch time, restored on unpatch; stacked on an earlier
+node's), so the layer keeps its fast kernel. Other patches (full-rank diffs, stock-loaded models)
+get a ``weight_function`` (ComfyUI's hook, run after the weight is cast and dequantized on every
+forward): those layers run the dequantize path. The report lists where each target ran. ComfyUI's
 bypass injection was not used: every bypass LoRA registers under the one injection key
 "bypass_lora", so chaining two replaces the first (seen in ComfyUI 0.33), and it applies no
 diff/bias patches of its own.
