@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_extra_commands(sub, parents) -> None:
     """Commands contributed by other modules (merge-lora); an import error there is a bug to see."""
-    from .loaders import lora_cli
+    from .lora import cli as lora_cli
 
     lora_cli.register(sub, parents)
 

@@ -20,6 +20,13 @@ side (median). CPU timings are noisy: read the ratios. The default (one block, f
 3 reps) takes ~10 minutes on 2 CPU cores; ``--quick`` (two Linears per block, 1 rep) ~1 minute.
 
     $COMFY_PY -m wanquant.benchmarks.bench_lora [--quick] [--blocks 1] [--reps 3] [--formats float8_e4m3fn nvfp4 mxfp8 fp4_g32]
+
+``--forward`` times the forward pass instead, per Wan-14B layer shape with M tokens (4096): the fp8
+path alone (``linear_fp8_scaled_mm``), the fp8 path plus a rank-64 LoRA on the low-rank side path
+(``lora.side``: what "on the fly" runs on wanquant-loaded layers), and ComfyUI's own on-the-fly
+handling of the same LoRA on the same fp8 layer (its weight function: dequantize, add
+``calculate_weight``'s LoRA delta, dense matmul; wanquant's dequantize + addmm stand-in when ComfyUI
+is not importable). Ratios are to the fp8 path alone, from one run (target on GPU: side ≤ 1.1×).
 """
 
 from __future__ import annotations
@@ -90,8 +97,8 @@ def _median_time(fn, reps: int):
 
 
 def run(blocks: int, formats: list[str], strength: float, reps: int = 3, linears=BLOCK_LINEARS) -> list[dict]:
-    from wanquant.loaders.lora import LoraPatch
-    from wanquant.loaders.lora_merge import comfy_seed, merge_quantized, total_delta
+    from wanquant.lora.keys import LoraPatch
+    from wanquant.lora.merge import comfy_seed, merge_quantized, total_delta
     from wanquant.ops.formats import get_format
 
     comfy = _comfy()
@@ -146,6 +153,76 @@ def run(blocks: int, formats: list[str], strength: float, reps: int = 3, linears
     return rows
 
 
+def run_forward(tokens: int, reps: int, device: str) -> list[dict]:
+    """Seconds per forward (median) of fp8 alone / fp8 + side path / ComfyUI's weight-function LoRA."""
+    from wanquant.lora.side import LoraSide
+    from wanquant.ops.linear import linear_fp8_scaled_mm
+
+    comfy = _comfy()
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for n, k in sorted({(o, i) for _, o, i in BLOCK_LINEARS}):
+        w = torch.randn(n, k, generator=g) / k ** 0.5
+        scale = w.abs().amax() / 448.0
+        w8 = (w / scale).to(torch.float8_e4m3fn).to(device)
+        sc = scale.reshape(()).to(device)
+        up = torch.randn(n, RANK, generator=g) * (0.1 / (k * RANK) ** 0.5)
+        down = torch.randn(RANK, k, generator=g)
+        side = LoraSide([LoraSide.term("bench", 1.0, up=up, down=down)])
+        x = torch.randn(tokens, k, generator=g).to(device, dt)
+
+        def fp8():
+            return linear_fp8_scaled_mm(x, w8, sc)
+
+        def fp8_side():
+            return side.apply(x, linear_fp8_scaled_mm(x, w8, sc))
+
+        if comfy is not None:
+            lora_mod, QT, LoRAAdapter = comfy
+            qt = QT.from_float(w.to(device), COMFY_LAYOUT["float8_e4m3fn"])
+            adapter = LoRAAdapter({"w"}, (up.to(device), down.to(device), float(RANK), None, None, None))
+
+            def comfy_fly():  # ComfyUI: cast_bias_weight dequantizes, then the weight function adds the LoRA
+                wd = lora_mod.calculate_weight([(1.0, adapter, 1.0, None, None)], qt.dequantize().to(dt), "w")
+                return torch.nn.functional.linear(x, wd)
+        else:
+            upd, downd = up.to(device, dt), down.to(device, dt)
+
+            def comfy_fly():
+                wd = torch.addmm(w8.to(dt) * sc.to(dt), upd, downd)
+                return torch.nn.functional.linear(x, wd)
+
+        row = {"shape": f"{n}x{k}", "tokens": tokens}
+        with torch.inference_mode():
+            for name, fn in (("fp8", fp8), ("fp8_side", fp8_side), ("comfy_fly", comfy_fly)):
+                fn()
+                sync()
+
+                def timed(fn=fn):
+                    out = fn()
+                    sync()
+                    return out
+
+                row[name], _ = _median_time(timed, reps)
+        rows.append(row)
+    return rows
+
+
+def main_forward(a) -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens = 512 if a.quick else a.tokens
+    reps = 1 if a.quick else max(3, a.reps)
+    print(f"forward, M = {tokens} tokens, rank-{RANK} LoRA, {device}, median of {reps}, torch {torch.__version__}")
+    print(f"{'shape N x K':<14}{'fp8 ms':>9}{'fp8+side ms':>12}{'ComfyUI ms':>11}{'side/fp8':>9}{'ComfyUI/fp8':>12}")
+    for r in run_forward(tokens, reps, device):
+        print(f"{r['shape']:<14}{r['fp8'] * 1e3:9.1f}{r['fp8_side'] * 1e3:12.1f}{r['comfy_fly'] * 1e3:11.1f}"
+              f"{r['fp8_side'] / r['fp8']:9.2f}{r['comfy_fly'] / r['fp8']:12.2f}")
+    print("ComfyUI = its on-the-fly LoRA on the same fp8 layer (dequantize + LoRA delta + dense matmul).")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--blocks", type=int, default=1, help="Wan-14B blocks to build (times are scaled to 40)")
@@ -154,7 +231,12 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3, help="timed merges per layer and side (median)")
     p.add_argument("--quick", action="store_true",
                    help="two Linears per block (self_attn.q, ffn.0) and 1 rep: ~1 minute on 2 cores")
+    p.add_argument("--forward", action="store_true",
+                   help="time forwards: fp8 alone vs fp8 + rank-64 side path vs ComfyUI's on-the-fly LoRA")
+    p.add_argument("--tokens", type=int, default=4096, help="M for --forward (--quick: 512)")
     a = p.parse_args(argv)
+    if a.forward:
+        return main_forward(a)
     linears = [l for l in BLOCK_LINEARS if l[0] in ("self_attn.q", "ffn.0")] if a.quick else BLOCK_LINEARS
     reps = 1 if a.quick else max(3, a.reps)
     print(f"rank-{RANK} LoRA over {a.blocks} Wan-14B block(s) ({len(linears)} Linears each), "

@@ -17,7 +17,7 @@ import torch
 from ..errors import WanquantError
 from ..ops.formats import comfy_quant_tensor, get_format
 from .canonical import CanonicalModel, Entry, Report, load_with_base
-from .lora import lora_key_example
+from .lora_sniff import lora_key_example
 from .report_text import report_lines
 from .writer import check_destination, write_safetensors
 

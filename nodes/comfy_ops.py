@@ -148,6 +148,8 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
         class Linear(base.Linear):
             _wq_choice = None
             _wq_conf: dict = {}
+            # lora.side.LoraSide set per MODEL clone by ComfyUI's object patches (Apply LoRA, on the fly)
+            wanquant_lora = None
 
             def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs):
@@ -229,6 +231,15 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 return ""
 
             def forward(self, input, *args, **kwargs):
+                """The layer's own path (fp8 / dequant / ComfyUI's), plus the low-rank LoRA side path."""
+                out = self._wq_forward(input, *args, **kwargs)
+                side = self.wanquant_lora
+                if side is not None:
+                    x = input.dequantize() if isinstance(input, QuantizedTensor) else input
+                    out = side.apply(x, out)
+                return out
+
+            def _wq_forward(self, input, *args, **kwargs):
                 choice = self._wq_choice
                 fmt = getattr(self, "quant_format", None)
                 if (choice is None or fmt is None or getattr(self, "layout_type", None) is None

@@ -8,9 +8,13 @@ dynamic VRAM keep working. What it lacks is added here: the key mapping for diff
 ai-toolkit names and lightx2v's ``diff_m``, shape and variant checks *before* anything is touched
 (a bad LoRA leaves the model as it was), and a report.
 
-``on the fly`` hands each patched layer a ``weight_function`` (ComfyUI's own hook, run after the
-weight is cast and dequantized on every forward) instead, so the stored quantized weights never
-change and no requantization error is added; those layers run the dequantize path. ComfyUI's
+``on the fly`` never changes the stored quantized weights (no requantization error). On layers of
+a model from wanquant's loader (``nodes.comfy_ops``' Linear, which has a ``wanquant_lora``
+attribute) low-rank patches and bias diffs go on the low-rank side path (``lora.side``), set as an
+object patch per MODEL clone (applied at patch time, restored on unpatch; stacked on an earlier
+node's), so the layer keeps its fast kernel. Other patches (full-rank diffs, stock-loaded models)
+get a ``weight_function`` (ComfyUI's hook, run after the weight is cast and dequantized on every
+forward): those layers run the dequantize path. The report lists where each target ran. ComfyUI's
 bypass injection was not used: every bypass LoRA registers under the one injection key
 "bypass_lora", so chaining two replaces the first (seen in ComfyUI 0.33), and it applies no
 diff/bias patches of its own.
@@ -32,13 +36,15 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..errors import WanquantError
-from ..loaders.lora import LoraMatch, match_lora, read_lora
-from ..loaders.lora_merge import QUANT_SIDE_SUFFIXES, LoraWeightFunction, group_patches, total_delta
+from ..lora.keys import LoraMatch, match_lora, read_lora
+from ..lora.merge import QUANT_SIDE_SUFFIXES, LoraWeightFunction, group_patches, total_delta
+from ..lora.side import LoraSide
 
 log = logging.getLogger(__name__)
 
 PREFIX = "diffusion_model."
 MODES = ("merge", "on the fly")
+SIDE_ATTR = "wanquant_lora"  # the attribute nodes.comfy_ops' Linear reads its side path from
 
 
 _CACHE: dict[str, tuple[tuple, object]] = {}
@@ -95,9 +101,12 @@ def apply_lora(model, lora_path: str, strength: float, mode: str = "merge"):
     match = match_lora(lora, shapes, strength=strength, mode=mode)
     grouped = group_patches([match])
     composed = sum(1 for t in grouped if PREFIX + t in model.patches or PREFIX + t in model.object_patches
-                   or PREFIX + t in getattr(model, "weight_wrapper_patches", {}))
+                   or PREFIX + t in getattr(model, "weight_wrapper_patches", {})
+                   or f"{PREFIX}{t.rsplit('.', 1)[0]}.{SIDE_ATTR}" in model.object_patches)
     new = model.clone()
     wrapped = objects = 0
+    routes: dict[str, list[str]] = {"side path": [], "weight function": [], "merge (ComfyUI patch)": [], "object patch": []}
+    sides: dict[str, list] = {}  # module → side terms (on the fly, our Linear layers)
     rounds: list[dict[str, object]] = []  # one dict per patch index, so two patches on one key both land
     for target, items in grouped.items() if strength != 0.0 else ():
         key = PREFIX + target
@@ -107,6 +116,7 @@ def apply_lora(model, lora_path: str, strength: float, mode: str = "merge"):
             value = torch.nn.Parameter((current.detach().float() + value).to(current.dtype), requires_grad=False)
             new.add_object_patch(key, value)
             objects += 1
+            routes["object patch"].append(target)
             continue
         module = None
         if mode == "on the fly" and target.rsplit(".", 1)[-1] in ("weight", "bias") and "." in target:
@@ -114,21 +124,45 @@ def apply_lora(model, lora_path: str, strength: float, mode: str = "merge"):
                 module = comfy.utils.get_attr(new.model, key.rsplit(".", 1)[0])
             except AttributeError:
                 module = None
+        terms = _side_terms(module, target, items, lora.name) if module is not None else None
+        if terms is not None:
+            sides.setdefault(target.rsplit(".", 1)[0], []).extend(terms)
+            routes["side path"].append(target)
+            continue
         if module is not None and hasattr(module, "weight_function"):
             new.add_weight_wrapper(key, LoraWeightFunction(target, items))
             wrapped += 1
+            routes["weight function"].append(target)
             continue
+        routes["merge (ComfyUI patch)"].append(target)
         for i, (patch, _) in enumerate(items):
             if len(rounds) <= i:
                 rounds.append({})
             rounds[i][key] = _comfy_patch(patch, shapes[target])
+    for name, terms in sides.items():
+        key = f"{PREFIX}{name}.{SIDE_ATTR}"
+        current = new.get_model_object(key)  # an earlier LoRA node's side path: stack on it
+        new.add_object_patch(key, (current if current is not None else LoraSide()).plus(terms))
     for r in rounds:
         added = set(new.add_patches(r, strength))
         missing = [k for k in r if k not in added]
         if missing:  # cannot happen for keys taken from the model's own state dict; never silent
             raise WanquantError("ComfyUI did not accept every mapped LoRA key", layer=missing[0],
                                 found=f"{len(missing)} keys not in the model's state dict")
-    return new, report_text(match, formats, wrapped, composed, objects)
+    return new, report_text(match, formats, wrapped, composed, objects, routes)
+
+
+def _side_terms(module, target: str, items, name: str):
+    """Side-path terms for ``target`` on one of our Linear layers, or None when it must take another
+    route: only low-rank patches on the weight and bias diffs fit ``y += s·(x·Aᵀ)·Bᵀ + s·diff_b``."""
+    if not hasattr(type(module), SIDE_ATTR):
+        return None
+    role = target.rsplit(".", 1)[-1]
+    if role == "weight" and all(p.kind == "lora" for p, _ in items):
+        return [LoraSide.term(name, s, up=p.up, down=p.down, scale=p.scale) for p, s in items]
+    if role == "bias" and all(p.kind == "diff" for p, _ in items):
+        return [LoraSide.term(name, s, diff_b=p.diff * p.scale if p.scale != 1.0 else p.diff) for p, s in items]
+    return None
 
 
 def _comfy_patch(patch, shape):
@@ -154,7 +188,8 @@ def _owned_by_container(model, key: str) -> bool:
     return isinstance(owner, torch.nn.Module) and any(True for c in owner.children() for _ in c.parameters())
 
 
-def report_text(match: LoraMatch, formats: dict[str, str], wrapped: int, composed: int, objects: int = 0) -> str:
+def report_text(match: LoraMatch, formats: dict[str, str], wrapped: int, composed: int, objects: int = 0,
+                routes: dict[str, list[str]] | None = None) -> str:
     q = Counter(formats.get(t, "high precision") for t in {p.target for p in match.patches})
     lines = [match.text(), "  targets: " + ", ".join(f"{n} {f}" for f, n in sorted(q.items()))]
     if match.strength == 0.0:
@@ -167,8 +202,15 @@ def report_text(match: LoraMatch, formats: dict[str, str], wrapped: int, compose
             lines.append(f"  note: {four_bit} targets are 4-bit; requantizing them adds about as much error as the "
                          f"original quantization; 'on the fly' keeps the LoRA exact")
     else:
-        lines.append(f"  on the fly: {wrapped} weight functions; the quantized weights stay untouched and the LoRA "
-                     f"is added after dequantization in every forward (those layers leave the quantized fast path)")
+        side = len((routes or {}).get("side path", ()))
+        lines.append(f"  on the fly: the quantized weights stay untouched; {side} parameters on the low-rank side path "
+                     f"(y += s·(x·Aᵀ)·Bᵀ beside the layer: its fast quantized kernel stays on), {wrapped} as weight "
+                     f"functions (added after dequantization: those layers leave the quantized fast path)")
+    for route, targets in (routes or {}).items():
+        if targets:
+            shown = sorted(targets)
+            more = f", ... and {len(shown) - 12} more" if len(shown) > 12 else ""
+            lines.append(f"  ran as {route} ({len(shown)}): " + ", ".join(shown[:12]) + more)
     if objects:
         lines.append(f"  {objects} raw parameters (modulation) set directly: ComfyUI's patcher would skip them")
     if composed:
@@ -201,8 +243,9 @@ class WanQuantApplyLoRA(io.ComfyNode):
                                tooltip="merge: ComfyUI dequantizes each patched weight, adds the LoRA and "
                                        "requantizes it with a fresh scale and seeded stochastic rounding (fast "
                                        "quantized matmuls stay on). on the fly: the stored quantized weights are "
-                                       "never changed; the LoRA is added after dequantization in every forward "
-                                       "(no requantization error, slower)."),
+                                       "never changed; on models from the wanquant loader low-rank LoRAs run "
+                                       "beside each layer (fast quantized matmuls stay on, no requantization "
+                                       "error); other patches are added after dequantization in every forward."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the LoRA applied (a clone)."),

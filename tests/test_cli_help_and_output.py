@@ -11,7 +11,7 @@ import torch
 from fixtures import syn, tiny_wan
 
 from wanquant.cli import build_parser, main as cli_main
-from wanquant.loaders.lora import render_lora
+from wanquant.lora.keys import render_lora
 
 
 def _help(*argv) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFY_IMPORT = re.compile(r"^\s*(import comfy\b(?!_)|from comfy\b(?!_)|import folder_paths|from folder_paths)", re.M)
-ABS_PACK_IMPORT = re.compile(r"^\s*(import|from) (nodes|ops|loaders|pose)\b", re.M)
+ABS_PACK_IMPORT = re.compile(r"^\s*(import|from) (nodes|ops|loaders|lora|pose)\b", re.M)
 
 
 def _py(*parts):
@@ -21,7 +21,7 @@ COMFY_IMPORT_TOP = re.compile(r"^(import comfy\b(?!_)|from comfy\b(?!_))", re.M)
 
 
 def test_only_nodes_import_comfy():
-    offenders = [str(p.relative_to(ROOT)) for p in _py("ops", "loaders", "pose", "cli.py", "errors.py")
+    offenders = [str(p.relative_to(ROOT)) for p in _py("ops", "loaders", "lora", "pose", "cli.py", "errors.py")
                  if COMFY_IMPORT.search(p.read_text())]
     assert offenders == []
 
@@ -34,7 +34,7 @@ def test_benchmarks_run_without_comfyui():
 
 
 def test_no_absolute_imports_of_pack_modules():
-    offenders = [str(p.relative_to(ROOT)) for p in _py("__init__.py", "nodes", "ops", "loaders", "pose", "cli.py")
+    offenders = [str(p.relative_to(ROOT)) for p in _py("__init__.py", "nodes", "ops", "loaders", "lora", "pose", "cli.py")
                  if ABS_PACK_IMPORT.search(p.read_text())]
     assert offenders == []
 
@@ -44,3 +44,13 @@ def test_package_imports_without_comfyui_silently():
                            "print(hasattr(wanquant, 'comfy_entrypoint'))"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False" and proc.stderr == ""
+
+
+def test_lora_and_loaders_import_downward_only():
+    """Floors: ``lora/`` may import ``loaders/`` and ``ops/`` but never ``nodes/``; ``loaders/`` and
+    ``ops/`` never import ``lora/`` (LoRA has its own room above them)."""
+    up_from_lora = re.compile(r"^\s*from \.\.(nodes)\b", re.M)
+    up_into_lora = re.compile(r"^\s*from \.\.(lora)\b|^\s*from \.\.\.lora\b", re.M)
+    offenders = [str(p.relative_to(ROOT)) for p in _py("lora") if up_from_lora.search(p.read_text())]
+    offenders += [str(p.relative_to(ROOT)) for p in _py("loaders", "ops") if up_into_lora.search(p.read_text())]
+    assert offenders == []

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from wanquant.loaders import synthetic as syn
-from wanquant.loaders.lora import render_lora
+from wanquant.lora.keys import render_lora
 from fixtures import loader_node, sampler_prompt  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),

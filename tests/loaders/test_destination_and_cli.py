@@ -19,8 +19,8 @@ from wanquant.errors import WanquantError
 from wanquant.loaders import writer
 from wanquant.loaders.canonical import load_canonical
 from wanquant.loaders.containers import open_source
-from wanquant.loaders.lora import parse_lora
-from wanquant.loaders.lora_merge import merge_lora_file
+from wanquant.lora.keys import parse_lora
+from wanquant.lora.merge import merge_lora_file
 
 OLD = b"the user's model, must survive"
 

@@ -18,8 +18,8 @@ from wanquant.cli import main as cli_main
 from wanquant.loaders.canonical import LazyTensors, load_canonical, load_with_base
 from wanquant.loaders.containers import open_source
 from wanquant.loaders.convert import convert
-from wanquant.loaders.lora import render_lora
-from wanquant.loaders.lora_merge import merge_lora_file
+from wanquant.lora.keys import render_lora
+from wanquant.lora.merge import merge_lora_file
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/fd")
 

@@ -1,4 +1,4 @@
-"""LoRA key mapping, the match report and bad input (loaders/lora.py).
+"""LoRA key mapping, the match report and bad input (lora/keys.py).
 
 One logical LoRA is written in every spelling seen in the field and must resolve to the same
 patches on native Wan keys; the expected native names are written out by hand here, not derived
@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from wanquant.errors import WanquantError
-from wanquant.loaders.lora import (STYLES, match_lora, parse_lora, read_lora, render_lora, split_key,
+from wanquant.lora.keys import (STYLES, match_lora, parse_lora, read_lora, render_lora, split_key,
                                    underscore_to_native)
 
 DIM, FFN = 32, 64

@@ -1,12 +1,12 @@
 """``wanquant merge-lora MODEL LORA[:strength]... -o OUT``: arguments, progress and printing only.
 
-The work is :func:`wanquant.loaders.lora_merge.merge_lora_file`; ``cli.py`` calls
+The work is :func:`wanquant.lora.merge.merge_lora_file`; ``cli.py`` calls
 :func:`register` when this module exists.
 """
 
 from __future__ import annotations
 
-from .progress import tqdm_progress
+from ..loaders.progress import tqdm_progress
 
 
 def register(subparsers, parents=()) -> None:
@@ -31,7 +31,7 @@ def register(subparsers, parents=()) -> None:
 
 
 def cmd_merge_lora(args) -> int:
-    from .lora_merge import merge_lora_file, parse_lora_arg
+    from .merge import merge_lora_file, parse_lora_arg
 
     loras = [parse_lora_arg(a) for a in args.loras]
     update, close = tqdm_progress("merge-lora")

@@ -39,7 +39,8 @@ from typing import Mapping
 import torch
 
 from ..errors import WanquantError
-from . import keymap
+from ..loaders import keymap
+from ..loaders.lora_sniff import _SUFFIX_ROLES, _SUFFIXES, _UNSUPPORTED_MARKERS, lora_key_example
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +50,6 @@ DOTTED_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.mod
 #: underscore (kohya-like) prefixes, longest first; ``lora_unet__`` is Wan-Fun's spelling
 UNDERSCORE_PREFIXES = ("lora_unet__", "lora_unet_", "lora_transformer_", "lycoris_")
 
-# suffix → role; checked longest first so ".lora_B.weight" wins over ".lora_B"
-_SUFFIX_ROLES = {
-    ".lora_B.default.weight": "up", ".lora_A.default.weight": "down",
-    ".lora_linear_layer.up.weight": "up", ".lora_linear_layer.down.weight": "down",
-    ".lora_up.weight": "up", ".lora_down.weight": "down", ".lora_mid.weight": "mid",
-    ".lora_B.weight": "up", ".lora_A.weight": "down", ".lora_B.bias": "up_bias",
-    ".lora.up.weight": "up", ".lora.down.weight": "down",
-    "_lora.up.weight": "up", "_lora.down.weight": "down",
-    ".lora_B": "up", ".lora_A": "down",
-    ".alpha": "alpha", ".dora_scale": "dora_scale",
-    ".diff_b": "diff_b", ".diff_m": "diff_m", ".diff": "diff",
-    ".set_weight": "unsupported", ".reshape_weight": "unsupported",
-    ".w_norm": "diff", ".b_norm": "diff_b",
-}
-_SUFFIXES = sorted(_SUFFIX_ROLES, key=len, reverse=True)
-_UNSUPPORTED_MARKERS = re.compile(r"\.(hada_|lokr_|oft_|boft_|a1\.weight|a2\.weight|b1\.weight|b2\.weight)")
 
 # Native Wan modules and parameters a LoRA can target (for underscore names, which lose the dots).
 BLOCK_MODULES = tuple(
@@ -226,14 +211,6 @@ def split_key(key: str) -> tuple[str, str, str]:
     return module, role, ""
 
 
-def lora_key_example(keys) -> str | None:
-    """The first key only a LoRA has (up/down/alpha/mid/DoRA suffixes), or None for a model."""
-    for k in keys:
-        if isinstance(k, str) and split_key(k)[1] in ("up", "down", "alpha", "mid", "dora_scale"):
-            return k
-    return None
-
-
 def underscore_to_native(name: str) -> str | None:
     """``blocks_0_self_attn_q`` → ``blocks.0.self_attn.q`` (Wan's own module names only)."""
     m = _US_BLOCK.match(name)
@@ -268,7 +245,7 @@ def _style_name(prefix: str, dotted_style: str) -> str:
 
 def read_lora(path) -> LoraFile:
     """Read a LoRA file (.safetensors, or a weights-only .pt/.pth) and resolve its keys."""
-    from .containers import open_source
+    from ..loaders.containers import open_source
 
     src = open_source(path)
     try:

@@ -26,9 +26,9 @@ import torch
 
 from ..errors import WanquantError
 from ..ops.formats import comfy_quant_tensor, get_format
-from .canonical import CanonicalModel, Entry, load_canonical
-from .lora import LoraMatch, LoraPatch, lora_key_example, match_lora, read_lora
-from .writer import check_destination, write_safetensors
+from ..loaders.canonical import CanonicalModel, Entry, load_canonical
+from .keys import LoraMatch, LoraPatch, lora_key_example, match_lora, read_lora
+from ..loaders.writer import check_destination, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +189,9 @@ class MergeStats:
             out.append(f"merged {len(r)} quantized layers: LoRA change ‖ΔW‖/‖W‖ mean {sum(d) / len(d):.2e}; "
                        f"requantization (fresh scale, {self.rounding} rounding) added relative error mean "
                        f"{sum(r) / len(r):.2e}, max {max(r):.2e}")
+            worst = sorted(self.delta_rel, key=lambda n: -self.requant_rel[n])[:5]
+            out.append("  largest added error per layer: "
+                       + ", ".join(f"{n} {self.requant_rel[n]:.3e}" for n in worst))
         if self.reencoded:
             tos = sorted(set(self.reencoded.values()))
             out.append(f"{len(self.reencoded)} FP4 group-32 layers written as {', '.join(tos)} "
