@@ -13,6 +13,7 @@ only the advice wording lives here. Also home of the timing helpers the GPU chec
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import logging
 import statistics
@@ -21,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..errors import WanquantError
 from .formats import FORMAT_NAMES, FP8_FORMATS, get_format
 from .formats._common import kitchen
 from .linear import linear_dequant, linear_fp8_scaled_mm
@@ -82,10 +84,11 @@ def peak_extra_bytes(fn, dev: torch.device) -> int | None:
 def kitchen_layout_linear(x: torch.Tensor, fmt: str, w: torch.Tensor):
     """A call running the path ComfyUI's own forward runs for NVFP4/MXFP8 on SM 10+: ``F.linear``
     on a comfy-kitchen ``QuantizedTensor`` of ComfyUI's layout (kitchen quantizes the activations)."""
-    from comfy_kitchen.tensor import QuantizedTensor
-
+    ck = kitchen()  # through importlib, like every kitchen use in ops/ (a kernel library, not ComfyUI)
+    if ck is None:
+        raise WanquantError("comfy-kitchen is not importable", expected="comfy_kitchen", found="nothing")
     layout = {"nvfp4": "TensorCoreNVFP4Layout", "mxfp8": "TensorCoreMXFP8Layout"}[fmt]
-    qt = QuantizedTensor.from_float(w.to(x.dtype), layout)
+    qt = importlib.import_module("comfy_kitchen.tensor").QuantizedTensor.from_float(w.to(x.dtype), layout)
     return lambda: F.linear(x, qt)
 
 
