@@ -36,6 +36,7 @@ from comfy.quant_ops import QuantizedTensor
 
 from ..errors import WanquantError
 from ..ops.formats import FP8_FORMATS, comfy_quant_tensor, get_format, parse_comfy_quant, swap_nibbles
+from ..ops.formats.fp4_g32 import check_canonical as check_fp4_canonical
 from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
 from ..ops.policy import DENSE, DEQUANT, FP8_MATMUL, KITCHEN_MATMUL, OpsPlan
 
@@ -192,11 +193,7 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                                         expected=f"weight uint8 [{n}, {k // 2}], weight_scale [{n}, {k // 32}]",
                                         found=f"weight {None if w is None else list(w.shape)}, "
                                               f"weight_scale {None if s is None else list(s.shape)}")
-                if conf.get("nibble_order", "high_first") != "high_first":
-                    # loaders.nibble_order owns the order; the canonical form is high-nibble-first
-                    raise WanquantError("fp4_g32 layer not in canonical (high-nibble-first) form", layer=name,
-                                        expected="a state dict from wanquant's canonical loader",
-                                        found=f"nibble_order {conf.get('nibble_order')!r}")
+                check_fp4_canonical(conf, layer=name)  # loaders.nibble_order owns the order
                 self.quant_format = "fp4_g32"
                 self.layout_type = FP4G32_LAYOUT
                 params = FP4G32Layout.Params(scale=s.to(device=device),  # the file's scale dtype (bf16): no upcast

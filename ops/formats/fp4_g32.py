@@ -18,15 +18,15 @@ from .base import QuantFormat
 GROUP = 32
 
 
-def _check_canonical(conf: dict | None) -> None:
+def check_canonical(conf: dict | None, layer: str | None = None) -> None:
     """Data here is always high-nibble-first: ``loaders.nibble_order`` is the one owner of the
     source order and the canonical loader swaps once. A conf still naming another order would be
     a second, conflicting owner, so it is refused rather than decoded (or swapped) again."""
     order = (conf or {}).get("nibble_order", "high_first")
     if order != "high_first":
         raise WanquantError("fp4_g32 data must be canonical (high-nibble-first); load it through "
-                            "wanquant's loader, which owns the nibble order", expected="high_first",
-                            found=f"nibble_order {order!r}")
+                            "wanquant's loader, which owns the nibble order", layer=layer,
+                            expected="high_first", found=f"nibble_order {order!r}")
 
 
 class FP4G32(QuantFormat):
@@ -49,7 +49,7 @@ class FP4G32(QuantFormat):
         if k % GROUP or tuple(s.shape) != (n, k // GROUP) or not s.is_floating_point():
             raise WanquantError("fp4_g32 scale does not match the weight", expected=f"float [{n}, {k // GROUP}]",
                                 found=f"{s.dtype} {list(s.shape)}")
-        _check_canonical(conf)
+        check_canonical(conf)
         return self.decode(w, s, out_dtype)
 
     def decode(self, w: torch.Tensor, s: torch.Tensor, out_dtype=torch.float32, *, hi_first: bool = True):
