@@ -9,6 +9,8 @@ kitchen-less environments get identical weights.
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 
 import torch
@@ -86,7 +88,10 @@ class NVFP4(BlockScaledFormat):
         q = None
         if ck is not None and not stochastic:
             try:
-                q, bs = ck.quantize_nvfp4(wf, s2, pad_16x=True)
+                # kitchen's CUDA kernel takes only fp16/bf16 input; the fp32 weight would be rounded
+                # first, so fp32 goes to its eager backend (same formula, in torch, on the same device)
+                with ck.use_backend("eager") if wf.is_cuda else contextlib.nullcontext():
+                    q, bs = ck.quantize_nvfp4(wf, s2, pad_16x=True)
             except ck.BackendError as exc:
                 log.debug("kitchen nvfp4 quantize unavailable (%s); using torch", exc)
         if q is None:
