@@ -142,3 +142,16 @@ def test_dequant_path_refuses_a_weight_wider_than_the_input(fmt):
     t, conf, b, _ = make(fmt, 8, 64)
     with pytest.raises(WanquantError, match="input features do not match"):
         linear_dequant(torch.randn(3, 32, dtype=torch.bfloat16), fmt, t, b, conf)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_activation_quantization_rounds_once_like_kitchens_cuda_kernel(dtype):
+    """x / scale rounded once to e4m3 (fp64 reference), as kitchen's CUDA kernel does: the torch path
+    (CPU, torch.compile) must not round through x's 16-bit dtype first."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(256, 512, generator=g) * 3).to(dtype)
+    scale = torch.tensor(0.0123, dtype=torch.float32)
+    q, s = quantize_activation_fp8(x, scale)
+    ref = (x.double() * (1.0 / scale.double())).clamp(-448, 448).to(torch.float8_e4m3fn)
+    mismatch = (q.view(torch.uint8) != ref.view(torch.uint8)).sum().item()
+    assert s is not None and mismatch == 0, f"{mismatch} of {x.numel()} activations rounded differently"
