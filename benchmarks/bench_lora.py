@@ -58,7 +58,7 @@ def _comfy():
     try:
         from comfy.cli_args import args
 
-        args.cpu = True
+        args.cpu = not torch.cuda.is_available()
         import comfy.lora
         import comfy.model_management  # noqa: F401
         from comfy.quant_ops import QuantizedTensor
@@ -177,7 +177,7 @@ def run_forward(tokens: int, reps: int, device: str) -> list[dict]:
             return linear_fp8_scaled_mm(x, w8, sc)
 
         def fp8_side():
-            return side.apply(x, linear_fp8_scaled_mm(x, w8, sc))
+            return side.apply(x, linear_fp8_scaled_mm(x, w8, sc), owns_y=True)
 
         if comfy is not None:
             lora_mod, QT, LoRAAdapter = comfy

@@ -72,16 +72,24 @@ class LoraSide:
             self._cache[key] = hit
         return hit
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y`` (the layer's own output for ``x``) plus every term, in ``y``'s dtype."""
+    def apply(self, x: torch.Tensor, y: torch.Tensor, *, owns_y: bool = False) -> torch.Tensor:
+        """``y`` (the layer's own output for ``x``) plus every term, in ``y``'s dtype.
+
+        ``owns_y``: the caller made ``y`` and reads it nowhere else, so outside autograd it is
+        updated in place (no second [M, N] buffer; the fastest variant timed on an H200)."""
         xs = x.to(y.dtype)
+        shape = y.shape
+        y = y.reshape(-1, shape[-1])
+        xs = xs.reshape(-1, xs.shape[-1])
+        inplace = owns_y and not (torch.is_grad_enabled() and (y.requires_grad or x.requires_grad))
         for down, up, s, diff_b in self._factors(y.device, y.dtype):
             # s stays a 0-d CPU tensor: usable with any device, keeps y's dtype, read fresh each call
             if down is not None:
-                y = y + torch.nn.functional.linear(torch.nn.functional.linear(xs, down) * s, up)
+                h = torch.nn.functional.linear(xs, down) * s
+                y = y.addmm_(h, up.t()) if inplace else torch.addmm(y, h, up.t())
             if diff_b is not None:
                 y = y + diff_b * s
-        return y
+        return y.reshape(shape)
 
     def nbytes(self) -> int:
         return sum(0 if p is None else p.nbytes for t in self.terms for p in (t.down, t.up, t.diff_b))

@@ -233,7 +233,7 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 side = self.wanquant_lora
                 if side is not None:
                     x = input.dequantize() if isinstance(input, QuantizedTensor) else input
-                    out = side.apply(x, out)
+                    out = side.apply(x, out, owns_y=True)
                 return out
 
             def _wq_forward(self, input, *args, **kwargs):

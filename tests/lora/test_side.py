@@ -117,3 +117,22 @@ def test_term_shapes_are_flattened_to_matrices(bad):
     kw[bad] = kw[bad][..., None, None]
     t = LoraSide.term("x", 1.0, **kw)
     assert t.up.shape == (6, 3) and t.down.shape == (3, 10)
+
+
+def test_side_path_leaves_a_callers_output_alone_unless_it_owns_it():
+    """``apply`` must not write into a ``y`` the caller still reads; ``owns_y=True`` (the layer's own
+    fresh output) is updated in place, with the same values."""
+    n, k = 48, 64
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(0))
+    y0 = torch.randn(9, n, generator=torch.Generator().manual_seed(1))
+    (up, down, _), = [_factors(n, k, 4, 3)]
+    side = LoraSide([LoraSide.term("l", 0.7, up=up, down=down, scale=0.5)])
+    keep = y0.clone()
+    out = side.apply(x, y0)
+    assert torch.equal(y0, keep) and out.data_ptr() != y0.data_ptr()
+    ref = keep.double() + 0.7 * 0.5 * (x.double() @ (up.double() @ down.double()).T)
+    mine = keep.clone()
+    out2 = side.apply(x, mine, owns_y=True)
+    assert out2.data_ptr() == mine.data_ptr()
+    for o in (out, out2):
+        assert float((o.double() - ref).abs().max() / ref.abs().max()) < 1e-6
