@@ -242,3 +242,27 @@ def test_side_path_composes_with_comfyuis_own_lora_loader(comfy_inprocess, tmp_p
         both.unpatch_model()
         want = _delta64(ours, 0.7, LAYER, x)
         assert float(((y.double() - y_comfy.double()) - want).norm() / want.norm()) < 1e-5, order
+
+
+def test_side_path_survives_a_cached_patcher_init_rebuild(comfy_inprocess, tmp_path):
+    """ComfyUI rebuilds a model from ``cached_patcher_init`` (``clone(force_deepcopy=True)``, the
+    non-dynamic delegate, multi-GPU clones): the fresh model must get the LoRA side path back from the
+    clone's object patches and still run the fp8 kernel with it."""
+    sd, layers, base = _fp8_model(tmp_path, seed=7)
+    d = _lora_def(sd, 41)
+    f = syn.save(render_lora(d, "comfy"), tmp_path / "a.safetensors")
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(4))
+    y0, _ = _layer_out(base, LAYER, x)
+    fly, _ = _apply(base, f, 0.8)
+    y_fly, _ = _layer_out(fly, LAYER, x)
+    with torch.inference_mode():
+        rebuilt = fly.clone(force_deepcopy=True)  # ComfyUI's own rebuild through cached_patcher_init
+    assert rebuilt.model is not fly.model and rebuilt.model is not base.model
+    y_re, n = _layer_out(rebuilt, LAYER, x)
+    assert n == 1 and torch.equal(y_re, y_fly)
+    got, want = y_re.double() - y0.double(), _delta64(d, 0.8, LAYER, x)
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    _denoise(rebuilt)
+    plan = rebuilt.model.wanquant_plan
+    for layer in layers:
+        assert set(plan.executed[layer]) == {"fp8_matmul"}, (layer, plan.executed[layer])
