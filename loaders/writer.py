@@ -12,6 +12,7 @@ ComfyUI could not read) and removed on any failure, Ctrl-C, SIGTERM or SIGHUP.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -98,6 +99,20 @@ def _signals_raise():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def write_text_atomic(dst: str | os.PathLike, text: str) -> None:
+    """A small text file (a report) written next to DST and renamed onto it when complete."""
+    raw = check_destination(dst)
+    fd, tmp = _create_partial(os.path.dirname(os.path.abspath(raw)) or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, raw)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _create_partial(folder: str) -> tuple[int, str]:

@@ -27,13 +27,21 @@ def register(subparsers, parents=()) -> None:
                         "the same option as convert's --to)")
     p.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto",
                    help="FP4 group-32 packing of MODEL (auto: quantize_config.json, else decided from the weights)")
+    p.add_argument("--error-report", metavar="JSON",
+                   help="also write every merged layer's added requantization error (and LoRA change) to this "
+                        "JSON file, worst first (the text output lists the five worst)")
     p.set_defaults(func=cmd_merge_lora)
 
 
 def cmd_merge_lora(args) -> int:
+    import json
+
+    from ..loaders.writer import check_destination, write_text_atomic
     from .merge import merge_lora_file, parse_lora_arg
 
     loras = [parse_lora_arg(a) for a in args.loras]
+    if args.error_report:
+        check_destination(args.error_report)  # refused before minutes of merging, not after
     update, close = tqdm_progress("merge-lora")
     try:
         result = merge_lora_file(args.model, loras, args.output, stochastic=not args.nearest,
@@ -43,4 +51,8 @@ def cmd_merge_lora(args) -> int:
         close()
     for line in result.text:
         print(line)
+    if args.error_report:
+        write_text_atomic(args.error_report, json.dumps(
+            {"output": result.dst, "rounding": result.stats.rounding, "layers": result.stats.per_layer()}, indent=1))
+        print(f"per-layer errors: {args.error_report}")
     return 0

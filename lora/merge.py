@@ -181,6 +181,12 @@ class MergeStats:
     plain: int = 0
     rounding: str = "stochastic"  # or "nearest" (merge-lora --nearest)
 
+    def per_layer(self) -> dict[str, dict[str, float]]:
+        """Every merged quantized layer's numbers (``merge-lora --error-report``), worst first."""
+        order = sorted(self.requant_rel, key=lambda n: -self.requant_rel[n])
+        return {n: {"requant_rel": self.requant_rel[n], "delta_rel": self.delta_rel.get(n, 0.0),
+                    **({"written_as": self.reencoded[n]} if n in self.reencoded else {})} for n in order}
+
     def lines(self) -> list[str]:
         out = []
         if self.delta_rel:

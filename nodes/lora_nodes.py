@@ -197,6 +197,8 @@ def report_text(match: LoraMatch, formats: dict[str, str], wrapped: int, compose
     elif match.mode == "merge":
         lines.append("  merge: patches handed to ComfyUI; each patched quantized weight is dequantized, summed with "
                      "every LoRA on it and requantized (fresh scale, seeded stochastic rounding) when the model loads")
+        lines.append("  added error: ComfyUI requantizes at load, after this node, so it is not measured here; "
+                     "`wanquant merge-lora --error-report` writes it per layer, 'on the fly' adds none")
         four_bit = sum(n for f, n in q.items() if f in ("nvfp4", "fp4_g32"))
         if four_bit:
             lines.append(f"  note: {four_bit} targets are 4-bit; requantizing them adds about as much error as the "

@@ -306,6 +306,31 @@ def test_cli_merge_lora_writes_and_reports(models, tmp_path, capsys):
     assert meta["merged_loras"] == [{"path": str(lora), "strength": 0.75}] and meta["rounding"] == "stochastic"
 
 
+def test_cli_error_report_lists_every_merged_layers_added_error(models, tmp_path, capsys):
+    """``--error-report``: every merged quantized layer, worst first, each number recomputed here in
+    fp64 from the written file and the raw LoRA tensors; a bad report path is refused before merging."""
+    d = _definition(_base_sd())
+    lora = synthetic.save(render_lora(d, "comfy"), tmp_path / "l.safetensors")
+    out, rep = tmp_path / "merged.safetensors", tmp_path / "errors.json"
+    bad = tmp_path / "no_such_folder" / "e.json"
+    assert cli_main(["merge-lora", str(models["mxfp8"]), f"{lora}:{STRENGTH}", "-o", str(out),
+                     "--error-report", str(bad)]) == 2
+    assert "output folder does not exist" in capsys.readouterr().err and not out.exists()
+    assert cli_main(["merge-lora", str(models["mxfp8"]), f"{lora}:{STRENGTH}", "-o", str(out),
+                     "--error-report", str(rep)]) == 0
+    assert f"per-layer errors: {rep}" in capsys.readouterr().out
+    data = json.loads(rep.read_text())
+    src, merged = load_canonical(models["mxfp8"]), load_canonical(out)
+    ref = _reference(src, d)
+    want = {m: float((_dequant(merged, m) - ref[f"{m}.weight"]).norm() / ref[f"{m}.weight"].norm())
+            for m in PATCHED if merged.layers[m].quantized}
+    assert set(data["layers"]) == set(want) and data["output"] == str(out) and data["rounding"] == "stochastic"
+    for m, v in data["layers"].items():
+        assert v["requant_rel"] == pytest.approx(want[m], rel=2e-3), m
+    values = [v["requant_rel"] for v in data["layers"].values()]
+    assert values == sorted(values, reverse=True)
+
+
 def test_bad_lora_leaves_model_and_output_untouched(models, tmp_path, capsys):
     d = _definition(_base_sd())
     d["blocks.0.ffn.0"]["up"] = torch.randn(100, RANK)  # does not fit ffn.0 [128, 64]
