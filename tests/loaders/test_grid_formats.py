@@ -26,7 +26,7 @@ def _ref(q, s, block=0):
     s = s.double()
     if s.numel() == 1:
         cell = s.reshape(()).expand(n, k)
-    elif s.numel() == n:
+    elif tuple(s.shape) in ((n,), (n, 1)):
         cell = s.reshape(-1)[i]
     elif s.dim() == 3:
         cell = s[i, j // block, 0]
