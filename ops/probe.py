@@ -255,8 +255,9 @@ def micro_benchmark(dev: torch.device, caps: DeviceCaps, budget_s: float = 10.0,
                     fn = kitchen_layout_linear(x, fmt, w)
                 else:
                     if tensors is None:
-                        # block 64 divides every Wan Linear and the small test shapes
-                        tensors, conf = get_format(fmt).quantize(w, conf={"group_size": 64})
+                        # the largest common block that divides this shape (Wan rows / 16 on CPU: 864 = 32 x 27)
+                        bs = next((b for b in (128, 64, 32, 16) if n % b == 0 and k % b == 0), 16)
+                        tensors, conf = get_format(fmt).quantize(w, conf={"group_size": bs})
                         conf = dict(conf, orig_shape=[n, k])
                     if path == FP8_MATMUL and fmt in FP8_ROWWISE_FORMATS:
                         fn = (lambda t=tensors: linear_fp8_rowwise(x, t["weight"], t["weight_scale"]))
