@@ -97,9 +97,12 @@ def _convert_args(pc: argparse.ArgumentParser) -> None:
     pc.add_argument("dst", help="output .safetensors (written to a temp file, renamed when complete); "
                                 "its folder must exist")
     pc.add_argument("--base", help="base model to overlay a partial finetune on (e.g. Vista4D on Wan2.1-T2V-14B)")
-    pc.add_argument("--to", "--fp4-to", dest="to", choices=["bf16", "float8_e4m3fn", "nvfp4"], default="float8_e4m3fn",
-                    help="target for FP4 group-32 layers, which stock ComfyUI cannot load (default float8_e4m3fn; "
-                         "--fp4-to is the same option, as merge-lora spells it)")
+    pc.add_argument("--to", "--fp4-to", dest="to", choices=["bf16", "float8_e4m3fn", "nvfp4", "int8",
+                                                            "float8_e4m3fn_rowwise"], default="float8_e4m3fn",
+                    help="target for layers stock ComfyUI cannot load: FP4 group-32, per-row / block fp8, block int8 "
+                         "(default float8_e4m3fn; int8 = per-channel int8_tensorwise, ComfyUI 0.33's own layout, fast on "
+                         "Ampere/Turing; float8_e4m3fn_rowwise loads through wanquant only; --fp4-to is the same option, "
+                         "as merge-lora spells it)")
     pc.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto",
                     help="FP4 group-32 packing (as for inspect)")
     pc.add_argument("--nvfp4-scale-layout", choices=["auto", "blocked", "row_major"], default="auto",

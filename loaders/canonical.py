@@ -30,6 +30,8 @@ from .comfy_linear import runs_quantized
 from .containers import Source, TensorReader, TensorRef, open_source
 from .detect import MARKER_KEY, Detection, Layer, _header_quant_layers, detect_layers
 from .family import Family, recognise
+from .grid_detect import GRID_FORMATS
+from .grid_detect import canonical_entries as grid_entries
 from .nibble_order import resolve as resolve_nibble_order
 from .nvfp4_layout import ROW_MAJOR, UNTAGGED_NVFP4
 from .nvfp4_layout import resolve as resolve_scale_layout
@@ -515,6 +517,8 @@ def _layer_entries(layer: Layer) -> list[Entry]:
                              unswapped=w.loader))
         ws = layer.sides["weight_scale"]
         out.append(Entry(f"{n}.weight_scale", ws.shape, ws.dtype, ws.loader, n))  # source dtype (bf16): no upcast
+    elif layer.format in GRID_FORMATS:
+        return grid_entries(layer, Entry)
     else:  # pragma: no cover - detect.py only produces the formats above
         raise WanquantError("no canonical form for format", layer=n, found=layer.format)
     out.append(Entry(f"{n}.comfy_quant", (len(json.dumps(conf).encode()),), torch.uint8,

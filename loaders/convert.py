@@ -1,8 +1,10 @@
 """``wanquant convert``: any supported checkpoint → ComfyUI's native file, streamed.
 
-fp8 payloads and NVFP4/MXFP8 tensors are copied bit for bit (only scales are re-typed to fp32);
-FP4 group-32, which stock ComfyUI cannot load, is re-encoded one layer at a time to the chosen
-target and the error that adds is measured and reported. Memory stays at about one layer.
+fp8 payloads and NVFP4/MXFP8/int8 tensors are copied bit for bit (only scales are re-typed to
+fp32); layers stock ComfyUI cannot load (FP4 group-32, per-row / block fp8, block int8) are
+re-encoded one layer at a time to the chosen target (``int8`` is per-channel ``int8_tensorwise``,
+ComfyUI 0.33's own layout) and the error that adds is measured and reported. Memory stays at
+about one layer.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from .report_text import report_lines
 from .writer import check_destination, write_safetensors
 
 log = logging.getLogger(__name__)
-FP4_TARGETS = ("bf16", "float8_e4m3fn", "nvfp4")
+FP4_TARGETS = ("bf16", "float8_e4m3fn", "nvfp4", "int8", "float8_e4m3fn_rowwise")
+#: layer formats stock ComfyUI cannot load: re-encoded to ``--to`` (int8_tensorwise is ComfyUI 0.33's own)
+REENCODE = ("fp4_g32", "float8_e4m3fn_rowwise", "float8_e4m3fn_blockwise", "float8_e4m3fn_block3d", "int8_blockwise")
+#: ``--to`` name -> registry format (``int8`` is per-channel ``int8_tensorwise``, ComfyUI's own layout)
+TARGET_FORMAT = {"int8": "int8_tensorwise"}
+#: targets stock ComfyUI has no layout for (the file then loads through wanquant's loader only)
+WANQUANT_ONLY = ("float8_e4m3fn_rowwise",)
 
 
 @dataclass
@@ -33,6 +41,7 @@ class ConvertResult:
     tensors: int
     fp4_errors: dict[str, float] = field(default_factory=dict)  # layer → relative L2 error added
     to: str | None = None
+    sources: list[str] = field(default_factory=list)  # formats that were re-encoded
     text: list[str] = field(default_factory=list)  # report + summary, rendered before DST is replaced
 
     def lines(self) -> list[str]:
@@ -40,8 +49,10 @@ class ConvertResult:
                "changed: " + changes(self.report)]
         if self.fp4_errors:
             errs = list(self.fp4_errors.values())
-            out.append(f"FP4 group-32 → {self.to}: {len(errs)} layers re-encoded; relative error added "
-                       f"mean {sum(errs) / len(errs):.2e}, max {max(errs):.2e}")
+            out.append(f"{' / '.join(self.sources) or 'FP4 group-32'} → {self.to}: {len(errs)} layers re-encoded; "
+                       f"relative error added mean {sum(errs) / len(errs):.2e}, max {max(errs):.2e}")
+            if self.to in WANQUANT_ONLY:
+                out.append(f"note: stock ComfyUI has no {self.to} layout; this file loads through wanquant's loader")
         extras = self.report.extras
         if extras:
             out.append("kept extra modules: " + ", ".join(f"{g} ({len(m)})" for g, m in extras.items()))
@@ -65,27 +76,30 @@ def changes(rep: Report) -> str:
     return "; ".join(parts) or "keys and scales were already native (only comfy_quant entries written where missing)"
 
 
-def _fp4_to_target(name: str, entries: dict[str, Entry], to: str, errors: dict[str, float]) -> list[Entry]:
-    """Plan the replacement entries of one FP4 layer; the work happens when the writer loads them."""
+def _fp4_to_target(name: str, entries: dict[str, Entry], to: str, errors: dict[str, float],
+                   src_fmt: str = "fp4_g32", src_conf: dict | None = None) -> list[Entry]:
+    """Plan the replacement entries of one layer stock ComfyUI cannot load (FP4 group-32, per-row /
+    block fp8, block int8); the work happens when the writer loads them."""
     w_e, s_e = entries[f"{name}.weight"], entries[f"{name}.weight_scale"]
-    n, k = w_e.shape[0], w_e.shape[1] * 2
+    n, k = (w_e.shape[0], w_e.shape[1] * 2) if src_fmt == "fp4_g32" else (w_e.shape[0], w_e.shape[1])
     cache: dict[str, torch.Tensor] = {}
     pending: set[str] = set()
 
     def produce() -> dict[str, torch.Tensor]:
         if not cache:
-            ref = get_format("fp4_g32").dequantize({"weight": w_e.load(), "weight_scale": s_e.load()}, torch.float32)
+            ref = get_format(src_fmt).dequantize({"weight": w_e.load(), "weight_scale": s_e.load()}, torch.float32,
+                                                 src_conf)
             if to == "bf16":
                 cache["weight"] = ref.to(torch.bfloat16)
                 got = cache["weight"].float()
             else:
-                fmt = get_format(to)
+                fmt = get_format(TARGET_FORMAT.get(to, to))
                 tensors, conf = fmt.quantize(ref)
                 cache.update(tensors)
                 cache["comfy_quant"] = comfy_quant_tensor(conf)
                 got = fmt.dequantize(tensors, torch.float32, conf)
             if not bool(torch.isfinite(ref).all()):
-                raise WanquantError("FP4 group-32 scales give NaN/Inf weights (corrupt or out-of-range scale)",
+                raise WanquantError(f"{src_fmt} scales give NaN/Inf weights (corrupt or out-of-range scale)",
                                     layer=name, expected="finite group scales", found=f"{s_e.key}")
             errors[name] = float(torch.linalg.vector_norm(got - ref, dtype=torch.float64)
                                  / torch.linalg.vector_norm(ref, dtype=torch.float64).clamp_min(1e-30))
@@ -119,6 +133,9 @@ def _target_layout(to: str, n: int, k: int) -> tuple[dict[str, tuple[tuple[int, 
     would cost as much as the conversion). The writer checks every produced tensor against this."""
     if to == "float8_e4m3fn":
         return {"weight": ((n, k), torch.float8_e4m3fn), "weight_scale": ((), torch.float32)}, {"format": to}
+    if to in ("int8", "float8_e4m3fn_rowwise"):  # per-channel: one fp32 scale per output row
+        dtype = torch.int8 if to == "int8" else torch.float8_e4m3fn
+        return {"weight": ((n, k), dtype), "weight_scale": ((n, 1), torch.float32)}, {"format": TARGET_FORMAT.get(to, to)}
     if to == "nvfp4":  # stored padded to 16 x 16, blocked 128x4 scales, one per 16 inputs
         pn, pk = _roundup(n, 16), _roundup(k, 16)
         conf = {"format": to} if (pn, pk) == (n, k) else {"format": to, "orig_shape": [n, k]}
@@ -132,13 +149,14 @@ def plan(model: CanonicalModel, to: str, errors: dict[str, float]) -> list[Entry
     """The list of output entries in order, FP4 layers replaced by their target encoding."""
     if to not in FP4_TARGETS:
         raise WanquantError("unknown --to target for FP4 group-32", expected=" / ".join(FP4_TARGETS), found=to)
-    fp4 = {n for n, l in model.layers.items() if l.format == "fp4_g32"}
+    fp4 = {n for n, l in model.layers.items() if l.format in REENCODE and l.format != to}
     out: list[Entry] = []
     done: set[str] = set()
     for key, e in model.entries.items():
         if e.layer in fp4:
             if e.layer not in done:
-                out.extend(_fp4_to_target(e.layer, model.entries, to, errors))
+                layer = model.layers[e.layer]
+                out.extend(_fp4_to_target(e.layer, model.entries, to, errors, layer.format, dict(layer.conf)))
                 done.add(e.layer)
             if key.endswith((".weight", ".weight_scale", ".comfy_quant")) and key.rsplit(".", 1)[0] == e.layer:
                 continue
@@ -167,6 +185,7 @@ def _convert(model: CanonicalModel, src, dst, base, to: str, progress) -> Conver
                                                      "key_style": model.report.key_style,
                                                      "variant": model.report.variant})}
     result = ConvertResult(str(dst), model.report, 0, len(entries), errors)
+    result.sources = sorted({l.format for l in model.layers.values() if l.format in REENCODE and l.format != to})
 
     def render():
         result.to = to if errors else None
@@ -176,7 +195,7 @@ def _convert(model: CanonicalModel, src, dst, base, to: str, progress) -> Conver
     write_safetensors(dst, [(e.key, e.shape, e.dtype, e.load) for e in entries], meta, progress,
                       before_commit=render)
     for name, err in errors.items():
-        log.info("%s: FP4 group-32 → %s adds relative error %.3e", name, to, err)
+        log.info("%s: %s → %s adds relative error %.3e", name, model.layers[name].format, to, err)
     return result
 
 

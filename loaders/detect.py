@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import WanquantError
-from . import nibble_order
+from . import grid_detect, nibble_order
 from .header import load_json
 from .containers import TensorRef
 from .nvfp4_layout import BLOCKED, UNTAGGED_NVFP4, fitting_layouts
@@ -25,7 +25,7 @@ from .nvfp4_layout import BLOCKED, UNTAGGED_NVFP4, fitting_layouts
 FP8_DTYPES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
 PLAIN_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-COMFY_FORMATS = ("float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "fp4_g32")
+COMFY_FORMATS = ("float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "fp4_g32", *grid_detect.GRID_FORMATS)
 
 # Side keys, longest first so '.weight.scale_weight' is not read as '.scale_weight'.
 SIDE_SUFFIXES = (
@@ -184,6 +184,8 @@ def _classify(module: str, roles: dict[str, TensorRef], file: str, header_conf: 
     if conf is not None:
         return _classify_comfy(module, weight, sides, others, conf, file)
 
+    if weight.dtype == torch.int8:
+        return _grid(module, weight, sides, others, None, file, "int8 without comfy_quant")
     if weight.dtype in FP8_DTYPES:
         return _classify_fp8(module, weight, sides, others, file, marker_two)
     if weight.dtype == torch.uint8:
@@ -232,6 +234,8 @@ def _classify_fp8(module, weight, sides, others, file, marker_two) -> Layer:
         raise WanquantError("conflicting input scale spellings for one layer", file=file, layer=module,
                             expected="one of scale_input / input_scale",
                             found=f"{sides['scale_input'].key}, {sides['input_scale'].key}")
+    if scale is not None and scale[1].numel != 1:  # a scale grid: per-row or block fp8
+        return _grid(module, weight, sides, others, None, file, SPELLING_NAMES[scale[0]])
     new_sides = {}
     if scale is not None:
         check_scalar_scale(scale[1], file, module, "weight scale")
@@ -295,6 +299,11 @@ def _classify_comfy(module, weight, sides, others, conf, file, spelling=None) ->
         raise WanquantError("unknown quantization format", file=file, layer=module,
                             expected=" / ".join(COMFY_FORMATS), found=repr(fmt))
     spelling = spelling or "comfy_quant (ComfyUI native)"
+    ws = sides.get("weight_scale")
+    if fmt in grid_detect.GRID_FORMATS or (fmt == "float8_e4m3fn" and ws is not None and ws.numel != 1):
+        # the grid formats, and convert_to_quant's older block3d files tagged plain float8_e4m3fn
+        return _grid(module, weight, sides, others, conf if fmt in grid_detect.GRID_FORMATS else None, file,
+                     spelling)
     if fmt in ("nvfp4", "mxfp8", "fp4_g32") and len(weight.shape) != 2:
         raise WanquantError(f"{fmt} weight must be 2-D (block formats quantize [out, in] matrices)", file=file,
                             layer=module, expected="[out, in] (packed)", found=f"{weight.dtype} {list(weight.shape)}")
@@ -364,6 +373,19 @@ def _classify_comfy(module, weight, sides, others, conf, file, spelling=None) ->
                             found=", ".join(sides[r].key for r in sorted(leftover)))
     return Layer(module, fmt, spelling, weight, keep, dict(conf), others,
                  scale_layout=layout if fmt == "nvfp4" else None)
+
+
+def _grid(module, weight, sides, others, conf, file, spelling) -> Layer:
+    """A per-row / block fp8 or int8 layer (:mod:`.grid_detect`); other side tensors are refused."""
+    found = _one_scale(module, sides, file)
+    extra = set(sides) - {"scale_weight", "scale_weight_w", "weight_scale", "fp8_scale_magi", "input_scale",
+                          "scale_input"}
+    if extra:
+        raise WanquantError("unexpected side tensor on a scale-grid layer", file=file, layer=module,
+                            expected="weight + weight_scale", found=", ".join(sides[r].key for r in sorted(extra)))
+    layer = grid_detect.classify(module, weight, found[1] if found else None, sides, conf, file, spelling)
+    layer.others = others
+    return layer
 
 
 def _roundup(x: int, m: int) -> int:

@@ -199,6 +199,10 @@ def _report_lines(model: CanonicalModel, extras: list[str], policy: str, plan, p
         plan.finalize()
         lines.append(plan.report().splitlines()[0])
         lines.append(f"ops: {plan.summary()}")
+        if plan.requantized:
+            errs = list(plan.requantized.values())
+            lines.append(f"int8_matmul: {len(errs)} fp8 layers re-quantized to per-channel int8 at load; relative "
+                         f"weight error added mean {sum(errs) / len(errs):.2e}, max {max(errs):.2e} (per layer in the log)")
         log.info("per-layer op plan:\n%s", plan.report())
     if plan is None and (forced_dtype or dtype) is not None:
         note = " (set by option: ComfyUI then casts every weight, quantized layers included, to it)" \

@@ -35,14 +35,19 @@ import comfy.ops
 from comfy.quant_ops import QuantizedTensor
 
 from ..errors import WanquantError
-from ..ops.formats import FP8_FORMATS, comfy_quant_tensor, get_format, parse_comfy_quant, swap_nibbles
+from ..loaders.grid_detect import GRID_FORMATS
+from ..ops.formats import (FP8_FORMATS, FP8_ROWWISE_FORMATS, comfy_quant_tensor, get_format, parse_comfy_quant,
+                           swap_nibbles)
 from ..ops.formats.fp4_g32 import check_canonical as check_fp4_canonical
 from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
-from ..ops.policy import DENSE, DEQUANT, FP8_MATMUL, KITCHEN_MATMUL, OpsPlan
+from ..ops.linear_grid import linear_fp8_rowwise, linear_int8, requantize_fp8_to_int8
+from ..ops.policy import DENSE, DEQUANT, FP8_MATMUL, INT8_MATMUL, KITCHEN_MATMUL, OpsPlan
+from ..ops.policy_grid import BLOCK_GRID_FORMATS
 
 log = logging.getLogger(__name__)
 
 FP4G32_LAYOUT = "WanquantFP4G32Layout"
+GRID_LAYOUT = "WanquantScaleGridLayout"
 
 try:  # the layout base classes live in comfy-kitchen, which ComfyUI requires
     from comfy_kitchen.tensor import BaseLayoutParams, QuantizedLayout, register_layout_class
@@ -94,6 +99,62 @@ if QuantizedLayout is not None:
             return {"": cls._wq_canonical(qdata, params), "_scale": params.scale}
 
     register_layout_class(FP4G32_LAYOUT, FP4G32Layout)
+
+    class ScaleGridLayout(QuantizedLayout):
+        """Per-row / block fp8 and int8 (``ops.formats._scale_grid``): one layout for all five
+        formats, so ComfyUI's LoRA requant, offloading and state dicts work unchanged. ``fmt`` and
+        ``block`` say which grid ``scale`` is; a LoRA requant keeps the format (and a per-tensor
+        int8 scale stays per tensor)."""
+
+        MIN_SM_VERSION = None
+
+        @dataclass(frozen=True)
+        class Params(BaseLayoutParams):
+            fmt: str = "int8_tensorwise"
+            block: int = 0
+
+        @staticmethod
+        def _wq_conf(fmt, block, scale=None):
+            conf = {"format": fmt}
+            if block:
+                conf["group_size"] = int(block)
+            if scale is not None and scale.numel() == 1:
+                conf["per_tensor"] = True
+            return conf
+
+        @classmethod
+        def quantize(cls, tensor, scale=None, stochastic_rounding=0, inplace_ops=False, fmt="int8_tensorwise",
+                     block=0, per_tensor=False, **kwargs):
+            gen = None
+            if stochastic_rounding:
+                gen = torch.Generator(device=tensor.device)
+                gen.manual_seed(int(stochastic_rounding))
+            conf = cls._wq_conf(fmt, block)
+            if per_tensor:
+                conf["per_tensor"] = True
+            t, _ = get_format(fmt).quantize(tensor, generator=gen, stochastic=bool(stochastic_rounding), conf=conf)
+            return t["weight"], cls.Params(scale=t["weight_scale"], orig_dtype=tensor.dtype,
+                                           orig_shape=tuple(tensor.shape), fmt=fmt, block=block)
+
+        @classmethod
+        def requantize_kwargs(cls, qtensor):
+            p = qtensor._params
+            return {"fmt": p.fmt, "block": p.block, "per_tensor": p.scale.numel() == 1}
+
+        @classmethod
+        def dequantize(cls, qdata, params):
+            return get_format(params.fmt).dequantize({"weight": qdata, "weight_scale": params.scale},
+                                                     params.orig_dtype, cls._wq_conf(params.fmt, params.block))
+
+        @classmethod
+        def get_plain_tensors(cls, qtensor):
+            return qtensor._qdata, qtensor._params.scale
+
+        @classmethod
+        def state_dict_tensors(cls, qdata, params):
+            return {"": qdata, "_scale": params.scale}
+
+    register_layout_class(GRID_LAYOUT, ScaleGridLayout)
 
 
 def default_compute_dtype(load_device) -> torch.dtype:
@@ -161,6 +222,9 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 if fmt == "fp4_g32":
                     self._load_fp4_g32(state_dict, prefix, local_metadata, strict, missing_keys,
                                        unexpected_keys, error_msgs, conf, name)
+                elif fmt in GRID_FORMATS:
+                    self._wq_load_grid(state_dict, prefix, local_metadata, strict, missing_keys,
+                                       unexpected_keys, error_msgs, conf, name)
                 else:
                     try:
                         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
@@ -177,9 +241,57 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 self._wq_name = name
                 self._wq_ran = set()  # paths this layer has executed (recorded once each)
                 self._wq_conf = dict(conf or {}, orig_shape=list(shape))
+                if choice.path == INT8_MATMUL and fmt in FP8_FORMATS:
+                    self._wq_requant_int8(name)
+                    self._wq_conf = dict(self._wq_conf, format="int8_tensorwise")
                 if fmt is not None:
                     # ComfyUI's own forward runs only the kitchen path; keep its flag consistent
                     self._full_precision_mm = choice.path != KITCHEN_MATMUL
+
+            def _wq_load_grid(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs, conf, name):
+                """A scale-grid layer into wanquant's own layout (ComfyUI has none of these grids;
+                its int8_tensorwise needs a newer ComfyUI, and one layout keeps every version alike)."""
+                device = self.factory_kwargs["device"]
+                w = state_dict.pop(f"{prefix}weight", None)
+                s = state_dict.pop(f"{prefix}weight_scale", None)
+                state_dict.pop(f"{prefix}comfy_quant", None)
+                n, k = self.out_features, self.in_features
+                fmt = conf["format"]
+                fobj = get_format(fmt)
+                block = fobj.block(conf) if fmt in BLOCK_GRID_FORMATS else 0
+                if w is None or s is None or tuple(w.shape) != (n, k):
+                    raise WanquantError(f"{fmt} tensors do not match the layer", layer=name,
+                                        expected=f"weight [{n}, {k}] and a weight_scale",
+                                        found=f"weight {None if w is None else list(w.shape)}, "
+                                              f"weight_scale {None if s is None else list(s.shape)}")
+                fobj.scale({"weight": w, "weight_scale": s}, conf)  # shape check: one clear error
+                self.quant_format = fmt
+                self.layout_type = GRID_LAYOUT
+                self._wq_set_grid(w.to(device=device), s.to(device=device, dtype=torch.float32), fmt, block)
+                torch.nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                                                      missing_keys, unexpected_keys, error_msgs)
+                for key in ("weight", "weight_scale", "comfy_quant"):
+                    if f"{prefix}{key}" in missing_keys:
+                        missing_keys.remove(f"{prefix}{key}")
+
+            def _wq_set_grid(self, qdata, scale, fmt, block):
+                params = ScaleGridLayout.Params(scale=scale, orig_dtype=self.factory_kwargs["dtype"] or torch.float32,
+                                                orig_shape=(self.out_features, self.in_features), fmt=fmt, block=block)
+                self.weight = torch.nn.Parameter(QuantizedTensor(qdata, GRID_LAYOUT, params), requires_grad=False)
+
+            def _wq_requant_int8(self, name):
+                """Option int8_matmul: per-tensor fp8 -> per-channel int8 now, error logged and kept."""
+                t = plain_tensors(self.weight)
+                q, s, err = requantize_fp8_to_int8(t["weight"], t["weight_scale"])
+                self.quant_format = "int8_tensorwise"
+                self.layout_type = GRID_LAYOUT
+                self._wq_set_grid(q, s, "int8_tensorwise", 0)
+                if getattr(self, "input_scale", None) is not None:
+                    self.input_scale = None  # int8 activations are scaled per token
+                plan.requantized[name] = err
+                log.info("wanquant: %s re-quantized fp8 -> per-channel int8 (option int8_matmul): relative weight "
+                         "error added %.3e", name, err)
 
             def _load_fp4_g32(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs, conf, name):
@@ -211,6 +323,9 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 sd = super().state_dict(*args, destination=destination, prefix=prefix, **kwargs)
                 if getattr(self, "quant_format", None) == "fp4_g32":
                     sd[f"{prefix}comfy_quant"] = comfy_quant_tensor({"format": "fp4_g32", "group_size": 32})
+                elif getattr(self, "layout_type", None) == GRID_LAYOUT:
+                    p = self.weight._params
+                    sd[f"{prefix}comfy_quant"] = comfy_quant_tensor(ScaleGridLayout._wq_conf(p.fmt, p.block))
                 return sd
 
             def _wq_record(self, path, why=""):
@@ -248,7 +363,8 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                     return super().forward(input, *args, **kwargs)
                 comfy.ops.run_every_op()
                 patched = self._wq_patched()
-                fast = choice.path == FP8_MATMUL and fmt in FP8_FORMATS and not patched
+                fast = not patched and ((choice.path == FP8_MATMUL and fmt in FP8_FORMATS + FP8_ROWWISE_FORMATS)
+                                        or (choice.path == INT8_MATMUL and fmt == "int8_tensorwise"))
                 with _cast_weights(self, input, want_requant=fast) as (weight, bias):
                     if isinstance(weight, QuantizedTensor):
                         if fmt == "fp4_g32":  # our own layout: decode qdata in its stored order, into input's dtype
@@ -258,6 +374,12 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                                                              hi_first=params.hi_first)
                             return torch.nn.functional.linear(input, w, bias)
                         tensors = plain_tensors(weight)
+                        if fast and fmt == "int8_tensorwise":
+                            self._wq_record(INT8_MATMUL)
+                            return linear_int8(input, tensors["weight"], tensors["weight_scale"], bias)
+                        if fast and fmt in FP8_ROWWISE_FORMATS:
+                            self._wq_record(FP8_MATMUL, "row-wise scales")
+                            return linear_fp8_rowwise(input, tensors["weight"], tensors["weight_scale"], bias)
                         if fast:
                             self._wq_record(FP8_MATMUL)
                             scale = getattr(self, "input_scale", None)

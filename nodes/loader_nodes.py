@@ -145,7 +145,9 @@ def _progress_cb(total_hint: int = 0):
 def _policy_tooltip() -> str:
     return ("How quantized Linears run. auto: fp8 tensor-core matmul with dynamic activation scaling on SM 8.9+, "
             "NVFP4/MXFP8 kitchen kernels on SM 10+ where comfy-kitchen has a GPU backend for them, dequantize-on-the-fly elsewhere (Ampere, CPU). "
-            "dequant / fp8_matmul / kitchen_matmul force a path (an impossible choice stops before sampling). "
+            "int8 files (LightX2V, convert_to_quant) run W8A8 int8 matmul on SM 7.5+ and CPU. "
+            "dequant / fp8_matmul / kitchen_matmul force a path (an impossible choice stops before sampling); "
+            "int8_matmul also re-quantizes fp8 weights to per-channel int8 at load (fast on Ampere/Turing, error logged). "
             f"{bridge.NATIVE}: ComfyUI's own ops (fp8 activations clamped at ±448, no FP4 group-32).")
 
 

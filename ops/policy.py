@@ -20,16 +20,17 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import WanquantError
-from .formats import FORMAT_NAMES, FP8_FORMATS
+from .formats import FORMAT_NAMES, FP8_FORMATS, FP8_ROWWISE_FORMATS
+from .policy_grid import INT8_MATMUL, choose_grid, int8_matmul_possible
 from .formats._common import kitchen, kitchen_gpu_ops
 
 log = logging.getLogger(__name__)
 
 DENSE, DEQUANT, FP8_MATMUL, KITCHEN_MATMUL = "dense", "dequant", "fp8_matmul", "kitchen_matmul"
-PATHS = (DENSE, DEQUANT, FP8_MATMUL, KITCHEN_MATMUL)
+PATHS = (DENSE, DEQUANT, FP8_MATMUL, KITCHEN_MATMUL, INT8_MATMUL)
 
 #: user options: "auto" decides per layer; the others force a path where it applies
-OPTIONS = ("auto", DEQUANT, FP8_MATMUL, KITCHEN_MATMUL)
+OPTIONS = ("auto", DEQUANT, FP8_MATMUL, KITCHEN_MATMUL, INT8_MATMUL)
 KITCHEN_FORMATS = ("nvfp4", "mxfp8")
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
@@ -119,6 +120,9 @@ class Capability:
 CAPABILITIES = (
     Capability(FP8_MATMUL, tuple(FP8_FORMATS), (8, 9), "fp8 tensor cores (torch._scaled_mm)",
                min_torch=(2, 3), torch_gate_below=(9, 0)),
+    Capability(FP8_MATMUL, FP8_ROWWISE_FORMATS, (8, 9), "fp8 tensor cores, row-wise scales (torch._scaled_mm)",
+               min_torch=(2, 3), torch_gate_below=(9, 0)),
+    Capability(INT8_MATMUL, ("int8_tensorwise",), (7, 5), "int8 tensor cores (torch._int_mm)"),
     Capability(KITCHEN_MATMUL, ("nvfp4",), (10, 0), "NVFP4 tensor cores (comfy-kitchen)",
                kitchen_op="scaled_mm_nvfp4"),
     Capability(KITCHEN_MATMUL, ("mxfp8",), (10, 0), "MXFP8 tensor cores (comfy-kitchen)",
@@ -201,12 +205,16 @@ class Choice:
         """Short label used in the summary line."""
         cd = dtype_name(compute_dtype) if compute_dtype is not None else "compute dtype"
         if self.path == FP8_MATMUL:
+            if fmt in FP8_ROWWISE_FORMATS:
+                return "fp8 matmul with row-wise weight scales, per-token activations"
             return "fp8 matmul with static input scale" if self.static_input_scale else \
                 "fp8 matmul with dynamic scaling"
         if self.path == DEQUANT:
             return f"{fmt} dequantized to {cd}"
         if self.path == KITCHEN_MATMUL:
             return f"{fmt} tensor-core matmul (comfy-kitchen)"
+        if self.path == INT8_MATMUL:
+            return f"int8 matmul (torch._int_mm, per-token activations{', re-quantized from ' + fmt if fmt in FP8_FORMATS else ''})"
         return cd
 
 
@@ -229,6 +237,12 @@ def validate_option(option: str, device=None) -> str:
         if not any(ok for ok, _ in oks):
             raise WanquantError(f"forced kitchen_matmul cannot run on {c.describe()}: {oks[0][1]}",
                                 expected="SM 10+ and a comfy-kitchen GPU backend for nvfp4/mxfp8",
+                                found=c.describe())
+    if opt == INT8_MATMUL:
+        ok, why = int8_matmul_possible(c)
+        if not ok:
+            raise WanquantError(f"forced int8_matmul cannot run on {c.describe()}: {why}",
+                                expected="an NVIDIA GPU with SM 7.5+ or the CPU, or option 'auto'/'dequant'",
                                 found=c.describe())
     return opt
 
@@ -253,6 +267,10 @@ def choose(fmt: str | None, device=None, option: str = "auto", *, conf: dict | N
         return Choice(DEQUANT, "forced by option 'dequant'", forced=True)
     if conf.get("full_precision_matrix_mult"):
         return Choice(DEQUANT, "checkpoint marks the layer full_precision_matrix_mult")
+
+    grid = choose_grid(fmt, c, opt, layer)
+    if grid is not None:
+        return grid
 
     if fmt in FP8_FORMATS:
         if opt == FP8_MATMUL:
@@ -300,6 +318,7 @@ DEVICE_CLASSES = (
     ("CPU / other", DeviceCaps("cpu", None, "cpu", (2, 10), None, False, True)),
 )
 _PATH_TEXT = {FP8_MATMUL: "fp8 tensor-core matmul", KITCHEN_MATMUL: "kitchen block-scaled matmul",
+              INT8_MATMUL: "int8 matmul (torch._int_mm)",
               DEQUANT: "dequantize per forward"}
 
 
@@ -385,6 +404,7 @@ class OpsPlan:
         self.layers: dict[str, LayerChoice] = {}
         self.executed: dict[str, dict[str, str]] = {}  # layer -> {path it ran: why, if not planned}
         self._warned: set[tuple[str, str, str]] = set()
+        self.requantized: dict[str, float] = {}  # layer -> relative weight error added at load (int8_matmul)
 
     def record(self, name: str, path: str, why: str = "") -> None:
         """A layer ran ``path`` (called once per layer and path by the forward).
@@ -428,10 +448,11 @@ class OpsPlan:
         return ch
 
     def finalize(self) -> OpsPlan:
-        forced = self.option in (FP8_MATMUL, KITCHEN_MATMUL)
+        forced = self.option in (FP8_MATMUL, KITCHEN_MATMUL, INT8_MATMUL)
         if forced and not any(lc.choice.forced for lc in self.layers.values()):
             formats = sorted({lc.fmt for lc in self.layers.values() if lc.fmt}) or ["none"]
-            serves = "float8_e4m3fn / float8_e5m2" if self.option == FP8_MATMUL else "nvfp4 / mxfp8"
+            serves = {FP8_MATMUL: "float8_e4m3fn / float8_e5m2 / float8_e4m3fn_rowwise", KITCHEN_MATMUL: "nvfp4 / mxfp8",
+                      INT8_MATMUL: "int8_tensorwise / float8_e4m3fn"}[self.option]
             raise WanquantError(f"option '{self.option}' applies to no layer of this model",
                                 expected=f"layers in {serves}", found=", ".join(formats))
         log.info("wanquant linear ops on %s: %s", self.caps.describe(), self.summary())

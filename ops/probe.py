@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import WanquantError
-from .formats import FORMAT_NAMES, FP8_FORMATS, get_format
+from .formats import FORMAT_NAMES, FP8_FORMATS, FP8_ROWWISE_FORMATS, INT8_FORMATS, get_format
+from .linear_grid import linear_fp8_rowwise, linear_int8
+from .policy_grid import BLOCK_GRID_FORMATS, INT8_MATMUL, int8_matmul_possible
 from .formats._common import kitchen
 from .linear import linear_dequant, linear_fp8_scaled_mm
 from .policy import (DEQUANT, FP8_MATMUL, KITCHEN_FORMATS, KITCHEN_MATMUL, DeviceCaps, capability, choose,
@@ -131,8 +133,14 @@ def advice(fmt: str, caps: DeviceCaps) -> str:
     ch = choose(fmt, caps)
     if ch.path in (FP8_MATMUL, KITCHEN_MATMUL):
         return "fastest path for this format here; nothing to do"
-    if fmt in FP8_FORMATS:
+    if ch.path == INT8_MATMUL:
+        return "fastest path for this format here; nothing to do"
+    if fmt in FP8_FORMATS + FP8_ROWWISE_FORMATS:
         return _fp8_advice(caps)
+    if fmt in INT8_FORMATS + BLOCK_GRID_FORMATS:
+        return ("no kernel takes a block scale grid, so it is dequantized on every device; for speed convert once: "
+                "wanquant convert SRC DST --to int8" if int8_matmul_possible(caps)[0] else
+                "int8 tensor cores need NVIDIA SM 7.5+; dequantized here (VRAM saved)")
     if fmt in KITCHEN_FORMATS:
         return _kitchen_advice(fmt, caps)
     return _fp4_g32_advice(caps)
@@ -203,8 +211,10 @@ def format_paths(caps: DeviceCaps) -> list[dict]:
 
 def _available_paths(fmt: str, caps: DeviceCaps) -> list[str]:
     paths = [DEQUANT]
-    if fmt in FP8_FORMATS and fp8_matmul_possible(caps)[0]:
+    if fmt in FP8_FORMATS + FP8_ROWWISE_FORMATS and fp8_matmul_possible(caps)[0]:
         paths.append(FP8_MATMUL)
+    if fmt == INT8_FORMATS[0] and int8_matmul_possible(caps)[0]:
+        paths.append(INT8_MATMUL)
     if fmt in KITCHEN_FORMATS and kitchen_matmul_possible(caps, fmt)[0]:
         paths.append(KITCHEN_MATMUL)
     return paths
@@ -245,9 +255,15 @@ def micro_benchmark(dev: torch.device, caps: DeviceCaps, budget_s: float = 10.0,
                     fn = kitchen_layout_linear(x, fmt, w)
                 else:
                     if tensors is None:
-                        tensors, conf = get_format(fmt).quantize(w)
+                        # the largest common block that divides this shape (Wan rows / 16 on CPU: 864 = 32 x 27)
+                        bs = next((b for b in (128, 64, 32, 16) if n % b == 0 and k % b == 0), 16)
+                        tensors, conf = get_format(fmt).quantize(w, conf={"group_size": bs})
                         conf = dict(conf, orig_shape=[n, k])
-                    if path == FP8_MATMUL:
+                    if path == FP8_MATMUL and fmt in FP8_ROWWISE_FORMATS:
+                        fn = (lambda t=tensors: linear_fp8_rowwise(x, t["weight"], t["weight_scale"]))
+                    elif path == INT8_MATMUL:
+                        fn = (lambda t=tensors: linear_int8(x, t["weight"], t["weight_scale"]))
+                    elif path == FP8_MATMUL:
                         fn = (lambda t=tensors: linear_fp8_scaled_mm(x, t["weight"], t["weight_scale"]))
                     else:
                         fn = (lambda t=tensors, c=conf, f=fmt: linear_dequant(x, f, t, None, c))

@@ -13,6 +13,9 @@ import torch
 
 from ...errors import WanquantError
 from . import fp4_g32 as _fp4_g32
+from . import fp8_block as _fp8_block
+from . import fp8_rowwise as _fp8_rowwise
+from . import int8 as _int8
 from . import fp8 as _fp8
 from . import mxfp8 as _mxfp8
 from . import nvfp4 as _nvfp4
@@ -20,13 +23,18 @@ from ._common import from_blocked, kitchen, swap_nibbles, to_blocked
 from .base import QuantFormat
 
 _REGISTRY: dict[str, QuantFormat] = {
-    f.name: f for f in (_fp8.E4M3, _fp8.E5M2, _nvfp4.FORMAT, _mxfp8.FORMAT, _fp4_g32.FORMAT)
+    f.name: f for f in (_fp8.E4M3, _fp8.E5M2, _nvfp4.FORMAT, _mxfp8.FORMAT, _fp4_g32.FORMAT,
+                        _fp8_rowwise.FORMAT, _fp8_block.BLOCKWISE, _fp8_block.BLOCK3D_FORMAT,
+                        _int8.TENSORWISE, _int8.BLOCKWISE)
 }
 
 #: every quantized format name this pack understands
 FORMAT_NAMES = tuple(_REGISTRY)
 #: fp8 per-tensor formats (the ones torch._scaled_mm serves)
 FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
+#: per-row fp8 (torch._scaled_mm with row-wise scales) and the int8 formats (torch._int_mm)
+FP8_ROWWISE_FORMATS = ("float8_e4m3fn_rowwise",)
+INT8_FORMATS = ("int8_tensorwise", "int8_blockwise")
 
 
 def get_format(name: str) -> QuantFormat:
@@ -60,5 +68,5 @@ def parse_comfy_quant(t) -> dict:
     return conf
 
 
-__all__ = ["QuantFormat", "get_format", "FORMAT_NAMES", "FP8_FORMATS", "comfy_quant_tensor",
+__all__ = ["QuantFormat", "get_format", "FORMAT_NAMES", "FP8_FORMATS", "FP8_ROWWISE_FORMATS", "INT8_FORMATS", "comfy_quant_tensor",
            "parse_comfy_quant", "swap_nibbles", "to_blocked", "from_blocked", "kitchen"]

@@ -22,7 +22,9 @@ def test_probe_node_runs_and_shows_text(comfy_server):
     text = hist["outputs"]["1"]["text"][0]
     assert text.startswith("device: cpu")
     for fmt in FORMAT_NAMES:
-        assert f"  {fmt}: dequant - " in text  # a CPU ComfyUI dequantizes every format
-        assert f"{fmt} dequant (auto)" in text  # ... and timed it
+        # a CPU ComfyUI dequantizes every format but int8, which runs the CPU's int8 GEMM
+        path = "int8_matmul" if fmt == "int8_tensorwise" else "dequant"
+        assert f"  {fmt}: {path} - " in text
+        assert f"{fmt} {path} (auto)" in text  # ... and timed it
     assert "dense bf16" in text and "x bf16 time" in text
     assert time.time() - t0 < 60

@@ -115,10 +115,11 @@ def test_invalid_scale_values(tmp_path, value):
 
 def test_scale_of_wrong_shape(tmp_path):
     def mutate(q):
-        q["blocks.0.self_attn.q.scale_weight"] = torch.ones(256)  # per-channel where per-tensor expected
-    with pytest.raises(WanquantError, match="per-tensor scalar") as e:
+        # 255 scales for 256 rows: neither per-tensor nor per-row ([256] is valid per-row fp8) nor a block grid
+        q["blocks.0.self_attn.q.scale_weight"] = torch.ones(255)
+    with pytest.raises(WanquantError, match="fits no known layout") as e:
         load_canonical(_fp8_file(tmp_path, mutate))
-    assert e.value.layer == "blocks.0.self_attn.q" and "[256]" in str(e.value)
+    assert e.value.layer == "blocks.0.self_attn.q" and "[255]" in str(e.value)
 
 
 def test_fp4_not_divisible_by_group(tmp_path):
@@ -162,7 +163,7 @@ def test_conflicting_spellings(tmp_path):
 
 def test_unknown_format(tmp_path):
     def mutate(q):
-        q["blocks.0.ffn.0.weight"] = torch.zeros(512, 256, dtype=torch.int8)
+        q["blocks.0.ffn.0.weight"] = torch.zeros(512, 256, dtype=torch.int16)
         del q["blocks.0.ffn.0.scale_weight"]
     with pytest.raises(WanquantError, match="unknown weight format"):
         load_canonical(_fp8_file(tmp_path, mutate))

@@ -253,7 +253,8 @@ def test_comfy_quant_round_trip_and_errors():
 
 
 def test_registry_and_input_errors():
-    assert set(FORMAT_NAMES) == {"float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "fp4_g32"}
+    assert set(FORMAT_NAMES) == {"float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "fp4_g32", "float8_e4m3fn_rowwise",
+                                 "float8_e4m3fn_blockwise", "float8_e4m3fn_block3d", "int8_tensorwise", "int8_blockwise"}
     with pytest.raises(WanquantError) as e:
         get_format("int4")
     assert "int4" in str(e.value)

@@ -83,7 +83,9 @@ def test_kitchen_missing_and_old_torch_are_named():
 
 def test_cpu_reports_cpu_paths():
     got = paths(CPU)
-    assert {p for p, _ in got.values()} == {"dequant"}
+    # int8 W8A8: the CPU has a native int8 GEMM (torch._int_mm, ~3x fp32 dense at 512x5120x5120)
+    assert {f for f, (p, _) in got.items() if p != "dequant"} == {"int8_tensorwise"}
+    assert got["int8_tensorwise"][0] == "int8_matmul"
     assert "fastest CPU path" in got["float8_e4m3fn"][1]
     assert "need an NVIDIA Blackwell GPU" in got["nvfp4"][1]
 
