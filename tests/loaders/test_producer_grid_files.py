@@ -1,0 +1,75 @@
+"""Files made by convert_to_quant itself (tests/loaders/data/convert_to_quant, RECIPE.md there):
+inspect names each format, the canonical form equals an fp64 reference of the producer's reload
+formula, and the fp8 payload is the producer's quantization formula applied to the regenerated
+source weights (448 / amax per row or 64x64 tile, clamp, round to e4m3)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from wanquant.cli import main as cli_main
+from wanquant.loaders.canonical import load_canonical
+from wanquant.ops.formats import get_format, parse_comfy_quant
+
+DATA = Path(__file__).parent / "data" / "convert_to_quant"
+FILES = {"ctq_fp8_row": "float8_e4m3fn_rowwise", "ctq_fp8_block": "float8_e4m3fn_blockwise",
+         "ctq_int8_block": "int8_blockwise"}
+LAYERS = {"blocks.0.self_attn.q": (128, 128), "blocks.0.ffn.0": (256, 128)}
+
+
+def source_weights():
+    """The recipe's bf16 weights, regenerated (CPU torch.randn with a seeded generator)."""
+    g = torch.Generator().manual_seed(14)
+    out = {}
+    for name, (n, k) in LAYERS.items():
+        out[name] = (torch.randn(n, k, generator=g) * 0.02 * torch.logspace(-1, 0, n).unsqueeze(1)).bfloat16()
+        torch.randn(n, generator=g)
+    return out
+
+
+def raw(name):
+    from safetensors.torch import load_file
+
+    return load_file(str(DATA / f"{name}.safetensors"))
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_inspect_names_the_format(name, capsys):
+    assert cli_main(["inspect", str(DATA / f"{name}.safetensors"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["formats"] == {FILES[name]: 2} and not out["errors"]
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_canonical_equals_fp64_reload_formula(name):
+    src = raw(name)
+    with load_canonical(DATA / f"{name}.safetensors") as m:
+        for layer, (n, k) in LAYERS.items():
+            conf = parse_comfy_quant(m.entries[f"{layer}.comfy_quant"].load())
+            t = {s: m.entries[f"{layer}.{s}"].load() for s in ("weight", "weight_scale")}
+            got = get_format(FILES[name]).dequantize(t, torch.float32, conf).double()
+            q, s = src[f"{layer}.weight"].double(), src[f"{layer}.weight_scale"].double()
+            i = torch.arange(n).unsqueeze(1).expand(n, k)
+            j = torch.arange(k).unsqueeze(0).expand(n, k)
+            cell = s[i] if s.dim() == 1 else s[i // 64, j // 64]
+            ref = q * cell
+            assert bool(((got - ref).abs() <= ref.abs() * 2.0 ** -24).all()), (name, layer)
+
+
+def test_fp8_payload_is_the_producers_formula_on_the_source():
+    src = source_weights()
+    for name, kind in (("ctq_fp8_row", "row"), ("ctq_fp8_block", "block")):
+        f = raw(name)
+        for layer, (n, k) in LAYERS.items():
+            w = src[layer].float()
+            if kind == "row":
+                qs = 448.0 / w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+                want = (w * qs).clamp(-448, 448).to(torch.float8_e4m3fn)
+            else:
+                wb = w.reshape(n // 64, 64, k // 64, 64)
+                qs = 448.0 / wb.abs().amax(dim=(1, 3)).clamp_min(1e-12)
+                want = (wb * qs[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).reshape(n, k)
+            got = f[f"{layer}.weight"]
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (name, layer)
