@@ -15,7 +15,7 @@ from wanquant.ops.formats import get_format, parse_comfy_quant
 
 DATA = Path(__file__).parent / "data" / "convert_to_quant"
 FILES = {"ctq_fp8_row": "float8_e4m3fn_rowwise", "ctq_fp8_block": "float8_e4m3fn_blockwise",
-         "ctq_int8_block": "int8_blockwise"}
+         "ctq_int8_block": "int8_blockwise"}  # + ctq_hybrid_mxfp8 (read as mxfp8), tested below
 LAYERS = {"blocks.0.self_attn.q": (128, 128), "blocks.0.ffn.0": (256, 128)}
 
 
@@ -73,3 +73,24 @@ def test_fp8_payload_is_the_producers_formula_on_the_source():
                 want = (wb * qs[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).reshape(n, k)
             got = f[f"{layer}.weight"]
             assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (name, layer)
+
+
+def test_hybrid_mxfp8_reads_as_its_exact_mxfp8_part(tmp_path):
+    from fixtures import ref_mxfp8
+
+    from wanquant.errors import WanquantError
+    from wanquant.loaders import synthetic as syn
+
+    src = raw("ctq_hybrid_mxfp8")
+    with load_canonical(DATA / "ctq_hybrid_mxfp8.safetensors") as m:
+        assert dict(m.report.formats) == {"mxfp8": 2} and not m.report.errors
+        assert all(not k.endswith("weight_scalar") for k in m.entries)  # the fallback scalar is not passed on
+        for layer, (n, k) in LAYERS.items():
+            conf = parse_comfy_quant(m.entries[f"{layer}.comfy_quant"].load())
+            t = {s: m.entries[f"{layer}.{s}"].load() for s in ("weight", "weight_scale")}
+            got = get_format("mxfp8").dequantize(t, torch.float32, conf).double()
+            assert torch.equal(got, ref_mxfp8(src[f"{layer}.weight"], src[f"{layer}.weight_scale"], (n, k)))
+    src.pop("blocks.0.ffn.0.weight_scalar")
+    with pytest.raises(WanquantError, match="weight_scalar") as e:
+        load_canonical(syn.save(src, tmp_path / "no_scalar.safetensors")).close()
+    assert e.value.layer == "blocks.0.ffn.0"
