@@ -94,3 +94,26 @@ def test_hybrid_mxfp8_reads_as_its_exact_mxfp8_part(tmp_path):
     with pytest.raises(WanquantError, match="weight_scalar") as e:
         load_canonical(syn.save(src, tmp_path / "no_scalar.safetensors")).close()
     assert e.value.layer == "blocks.0.ffn.0"
+
+
+def test_lightx2v_int8_per_channel_file():
+    """LightX2V's own int8 quantizer output (tests/loaders/data/lightx2v/RECIPE.md): int8 + bf16 [out, 1]
+    scales, no comfy_quant -> int8_tensorwise per channel; canonical = fp64 q * s[row]; the payload is
+    LightX2V's formula on the regenerated source."""
+    from safetensors.torch import load_file
+
+    path = Path(__file__).parent / "data" / "lightx2v" / "lightx2v_int8.safetensors"
+    f = load_file(str(path))
+    src = source_weights()
+    with load_canonical(path) as m:
+        assert dict(m.report.formats) == {"int8_tensorwise": 2}
+        for layer, (n, k) in LAYERS.items():
+            t = {s: m.entries[f"{layer}.{s}"].load() for s in ("weight", "weight_scale")}
+            assert t["weight_scale"].dtype == torch.float32 and t["weight_scale"].shape == (n, 1)
+            got = get_format("int8_tensorwise").dequantize(t).double()
+            ref = f[f"{layer}.weight"].double() * f[f"{layer}.weight_scale"].double().reshape(n, 1)
+            assert bool(((got - ref).abs() <= ref.abs() * 2.0 ** -24).all())
+            w = src[layer]
+            s = (w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / 127)  # in bf16, as the producer computes it
+            want = torch.clamp(torch.round(w / s), -128, 127).to(torch.int8)
+            assert torch.equal(f[f"{layer}.weight"], want) and torch.equal(f[f"{layer}.weight_scale"], s)
