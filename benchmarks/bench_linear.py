@@ -23,12 +23,14 @@ import torch.nn.functional as F
 
 from ..ops.formats import get_format
 from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
+from ..ops.linear_grid import linear_fp8_rowwise, linear_int8
+from ..ops.policy_grid import int8_matmul_possible
 from ..ops.policy import choose, probe_device
 from ..ops.probe import kitchen_layout_linear, median_time, peak_extra_bytes
 
 SHAPES = {"qkvo": (5120, 5120), "ffn0": (13824, 5120), "ffn2": (5120, 13824)}  # name -> (N, K)
 SHAPE_LABELS = {"qkvo": "q/k/v/o 5120x5120", "ffn0": "ffn.0 5120->13824", "ffn2": "ffn.2 13824->5120"}
-FORMATS = ("float8_e4m3fn", "nvfp4", "mxfp8", "fp4_g32")
+FORMATS = ("float8_e4m3fn", "nvfp4", "mxfp8", "fp4_g32", "float8_e4m3fn_rowwise", "int8_tensorwise")
 REF_ROWS = 128
 
 
@@ -88,6 +90,10 @@ def main(argv=None):
                 paths["fp8_matmul dynamic"] = lambda: linear_fp8_scaled_mm(xin, t["weight"], t["weight_scale"])
                 paths["fp8_matmul scale=1 (ComfyUI)"] = lambda: linear_fp8_scaled_mm(
                     xin, t["weight"], t["weight_scale"], input_scale=torch.tensor(1.0, device=dev))
+            if fmt == "float8_e4m3fn_rowwise" and (gpu or args.cpu_fp8_matmul):
+                paths["fp8_matmul row-wise (per-token)"] = lambda: linear_fp8_rowwise(xin, t["weight"], t["weight_scale"])
+            if fmt == "int8_tensorwise" and int8_matmul_possible(caps)[0]:
+                paths["int8_matmul W8A8 (per-token)"] = lambda: linear_int8(xin, t["weight"], t["weight_scale"])
             if fmt in ("nvfp4", "mxfp8") and choose(fmt, caps).path == "kitchen_matmul":
                 paths["kitchen_matmul (ComfyUI's layout)"] = kitchen_layout_linear(xin, fmt, w)
             print(f"  {fmt}: weight rel err {werr:.4f}; bf16 dense (same W) output rel err {bf_err:.5f}")

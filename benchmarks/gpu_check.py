@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.formats import FORMAT_NAMES, FP8_FORMATS, get_format
+from ..ops.formats import FP8_ROWWISE_FORMATS
 from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
+from ..ops.linear_grid import linear_fp8_rowwise, linear_int8
+from ..ops.policy_grid import BLOCK_GRID_FORMATS, int8_matmul_possible
 from ..ops.policy import (KITCHEN_FORMATS, KITCHEN_MATMUL, choose, fp8_matmul_possible, kitchen_matmul_possible,
                           probe_device)
 from ..ops.probe import environment, kitchen_layout_linear, median_time, peak_extra_bytes
@@ -40,6 +43,8 @@ WAN_TINY = {"dim": 256, "ffn_dim": 512, "num_blocks": 1}
 # stated tolerances (relative Frobenius error of the output)
 TOL_DEQUANT = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 4e-3}
 TOL_FP8_MM = 1.5e-2   # vs fp64 of the fp8-rounded activations: only accumulation + output rounding
+# vs fp64 x @ W: per-token activation rounding (int8: <= 1/254 of a token's amax per element; e4m3: 2^-4 relative)
+TOL_GRID_MM = {"int8": 2e-2, "fp8_rowwise": 5e-2}
 TOL_KITCHEN = {"nvfp4": 0.25, "mxfp8": 0.08}  # vs the unquantized product: weight+activation quantization
 TOL_MODEL = {"float8_e4m3fn": 0.15, "fp4_g32": 0.6}  # quantized Wan vs the same Wan in bf16 (random weights)
 TOL_SAME_MATH = 2e-3  # lowvram streaming / compiled vs the eager full-load output
@@ -122,6 +127,17 @@ def ref_weight(fmt: str, t: dict, n: int, k: int) -> torch.Tensor:
         return (q.to(torch.float64) * sc.repeat_interleave(32, 1))[:n, :k]
     if fmt == "fp4_g32":
         return _e2m1_hi_first(t["weight"]) * t["weight_scale"].double().repeat_interleave(32, 1)
+    if fmt in FP8_ROWWISE_FORMATS or fmt.startswith("int8") or fmt in BLOCK_GRID_FORMATS:  # q * s[cell] by index
+        q, sc = t["weight"].to(torch.float64), t["weight_scale"].to(torch.float64)
+        i = torch.arange(n).unsqueeze(1).expand(n, k)
+        j = torch.arange(k).unsqueeze(0).expand(n, k)
+        if sc.numel() == 1:
+            return q * float(sc)
+        if tuple(sc.shape) == (n, 1):
+            return q * sc[i, 0]
+        if sc.dim() == 3:
+            return q * sc[i, j // (k // sc.shape[1]), 0]
+        return q * sc[i // (n // sc.shape[0]), j // (k // sc.shape[1])]
     raise ValueError(fmt)
 
 
@@ -147,6 +163,8 @@ def check_correctness(rep: Report, dev: torch.device, caps, quick: bool) -> None
     m = 48
     for fmt in FORMAT_NAMES:
         for aligned in (True, False):
+            if not aligned and fmt in BLOCK_GRID_FORMATS:
+                continue  # block grids exist only where the block divides the layer
             n, k = (256, 512) if aligned else ((200, 320) if fmt == "fp4_g32" else (200, 300))
             w = torch.randn(n, k, generator=g) * 0.05
             bias = torch.randn(n, generator=g) * 0.1
@@ -166,6 +184,27 @@ def check_correctness(rep: Report, dev: torch.device, caps, quick: bool) -> None
                 _check_fp8_mm(rep, dev, caps, fmt, t, w64, bias, shape, g, m)
             if fmt in KITCHEN_FORMATS:
                 _check_kitchen(rep, dev, caps, fmt, w, shape, g, m)
+            if fmt in FP8_ROWWISE_FORMATS or fmt == "int8_tensorwise":
+                _check_grid_mm(rep, dev, caps, fmt, t, w64, bias, shape, g, m)
+
+
+def _check_grid_mm(rep, dev, caps, fmt, t, w64, bias, shape, g, m):
+    """Row-wise fp8 (_scaled_mm) and int8 W8A8 (_int_mm) vs fp64 x @ W, every input rank and bias."""
+    kind = "int8" if fmt.startswith("int8") else "fp8_rowwise"
+    ok, why = int8_matmul_possible(caps) if kind == "int8" else fp8_matmul_possible(caps)
+    base = f"correct.{kind}_matmul.{shape}"
+    if not ok:
+        rep.add("SKIP", base, why)
+        return
+    fn_of = linear_int8 if kind == "int8" else linear_fp8_rowwise
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    wq, ws = t["weight"].to(dev), t["weight_scale"].to(dev)
+    for rank4, use_bias in ((False, True), (True, False)):
+        x = _inputs(m, w64.shape[1], dev, dt, rank4, g)
+        b = bias.to(dev, dt) if use_bias else None
+        ref = x.double().cpu() @ w64.T + (bias.to(dt).double() if use_bias else 0)
+        name = f"{base}.{_dn(dt)}.{'4d' if rank4 else '2d'}{'.bias' if use_bias else ''}"
+        _run(rep, name, lambda: fn_of(x, wq, ws, b), ref, TOL_GRID_MM[kind], note=" vs fp64 of x @ W (per-token rounding)")
 
 
 def _dn(dt) -> str:
@@ -452,7 +491,8 @@ def check_speed(rep: Report, dev: torch.device, caps, quick: bool, ms: list[int]
             if fmt == "float8_e5m2":
                 continue
             try:
-                t, conf = get_format(fmt).quantize(w)
+                bs = next((b for b in (64, 32, 16) if n % b == 0 and k % b == 0), 16)  # --quick: 864 = 32 x 27
+                t, conf = get_format(fmt).quantize(w, conf={"group_size": bs} if fmt in BLOCK_GRID_FORMATS else None)
             except Exception as exc:  # noqa: BLE001 - one format's failure must not hide the others' numbers
                 rep.add("FAIL", f"speed.{sname}.{fmt}_quantize", f"{type(exc).__name__}: {str(exc)[:300]}")
                 continue
@@ -478,6 +518,15 @@ def check_speed(rep: Report, dev: torch.device, caps, quick: bool, ms: list[int]
                                                                          input_scale=one)
             else:
                 rep.add("SKIP", f"{tag}.fp8_matmul", why8)
+            tr = quant.get("float8_e4m3fn_rowwise", (None,))[0]
+            if ok8 and tr is not None:
+                paths["fp8_rowwise_matmul"] = lambda: linear_fp8_rowwise(x, tr["weight"], tr["weight_scale"])
+            ti = quant.get("int8_tensorwise", (None,))[0]
+            ok_i8, why_i8 = int8_matmul_possible(caps)
+            if ok_i8 and ti is not None:
+                paths["int8_matmul"] = lambda: linear_int8(x, ti["weight"], ti["weight_scale"])
+            elif not ok_i8:
+                rep.add("SKIP", f"{tag}.int8_matmul", why_i8)
             for fmt, (t, conf) in quant.items():
                 paths[f"{fmt}_dequant"] = (lambda t=t, c=conf, f=fmt: linear_dequant(x, f, t, None, c))
             for fmt in KITCHEN_FORMATS:

@@ -25,7 +25,8 @@ from .nvfp4_layout import BLOCKED, UNTAGGED_NVFP4, fitting_layouts
 FP8_DTYPES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
 PLAIN_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-COMFY_FORMATS = ("float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "fp4_g32", *grid_detect.GRID_FORMATS)
+COMFY_FORMATS = ("float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "fp4_g32", *grid_detect.GRID_FORMATS,
+                 grid_detect.HYBRID_MXFP8)
 
 # Side keys, longest first so '.weight.scale_weight' is not read as '.scale_weight'.
 SIDE_SUFFIXES = (
@@ -299,6 +300,8 @@ def _classify_comfy(module, weight, sides, others, conf, file, spelling=None) ->
         raise WanquantError("unknown quantization format", file=file, layer=module,
                             expected=" / ".join(COMFY_FORMATS), found=repr(fmt))
     spelling = spelling or "comfy_quant (ComfyUI native)"
+    if fmt == grid_detect.HYBRID_MXFP8:  # its MXFP8 part is exact; the fallback scalar is dropped
+        conf, fmt, spelling = grid_detect.hybrid_mxfp8(module, conf, others, file)
     ws = sides.get("weight_scale")
     if fmt in grid_detect.GRID_FORMATS or (fmt == "float8_e4m3fn" and ws is not None and ws.numel != 1):
         # the grid formats, and convert_to_quant's older block3d files tagged plain float8_e4m3fn

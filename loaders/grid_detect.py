@@ -28,6 +28,7 @@ GRID_FORMATS = {
     "float8_e4m3fn_rowwise": ("fp8", ROW), "float8_e4m3fn_blockwise": ("fp8", BLOCK2D),
     "float8_e4m3fn_block3d": ("fp8", BLOCK3D), "int8_tensorwise": ("int8", ROW), "int8_blockwise": ("int8", BLOCK2D),
 }
+HYBRID_MXFP8 = "hybrid_mxfp8"
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _PAYLOAD = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
@@ -124,6 +125,24 @@ def classify(module: str, weight, scale, sides: dict, conf: dict | None, file: s
     grid = {ROW: "per-row", TENSOR: "per-tensor", BLOCK2D: f"{block}x{block} blocks", BLOCK3D: f"row x {block} groups"}
     return Layer(module, fmt, f"{spelling}, {grid[kind]} scale", weight,
                  {"weight_scale": scale}, out_conf, {})
+
+
+def hybrid_mxfp8(module: str, conf: dict, others: dict, file: str) -> tuple[dict, str, str]:
+    """convert_to_quant's ``hybrid_mxfp8``: a complete MXFP8 layer (E8M0 blocked scales, the
+    reload formula) plus ``.weight_scalar``, a per-tensor scale (its max block scale) meant for
+    fp8 matmul on GPUs without MXFP8. The MXFP8 part is the exact weight, so the layer is read as
+    ``mxfp8``; the scalar is checked and dropped (ComfyUI has no place for it)."""
+    scalar = others.pop("weight_scalar", None)
+    if scalar is None:
+        raise WanquantError("hybrid_mxfp8 layer without its weight_scalar", file=file, layer=module,
+                            expected=f"{module}.weight_scalar (one float)", found="no such tensor")
+    if scalar.numel != 1 or scalar.dtype not in _FLOATS:
+        raise WanquantError("hybrid_mxfp8 weight_scalar must be one float", file=file, layer=module,
+                            expected="fp32 scalar", found=f"{scalar.dtype} {list(scalar.shape)}")
+    _check_values(scalar, file, module)
+    conf = {k: v for k, v in conf.items() if k not in ("format", "group_size")}
+    conf["format"] = "mxfp8"
+    return conf, "mxfp8", "hybrid_mxfp8 (convert_to_quant; its exact MXFP8 part, weight_scalar dropped)"
 
 
 def canonical_entries(layer, entry_cls) -> list:

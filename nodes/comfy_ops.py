@@ -114,12 +114,11 @@ if QuantizedLayout is not None:
             block: int = 0
 
         @staticmethod
-        def _wq_conf(fmt, block, scale=None):
+        def _wq_conf(fmt, block):
+            """The layer's comfy_quant (state dicts) and the format's conf (dequant / quantize)."""
             conf = {"format": fmt}
             if block:
                 conf["group_size"] = int(block)
-            if scale is not None and scale.numel() == 1:
-                conf["per_tensor"] = True
             return conf
 
         @classmethod

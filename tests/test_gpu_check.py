@@ -12,6 +12,7 @@ import pytest
 
 from wanquant.benchmarks.gpu_check import Report
 from wanquant.ops.formats import FORMAT_NAMES
+from wanquant.ops.policy_grid import BLOCK_GRID_FORMATS
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,11 @@ def test_json_has_every_field(run):
     names = {c["name"]: c for c in data["checks"]}
     for fmt in FORMAT_NAMES:  # dequant of every format: 2 shapes x fp32/bf16 x 2-D/4-D, within the stated tolerance
         hits = [c for n, c in names.items() if n.startswith(f"correct.dequant.{fmt}.")]
-        assert len(hits) == 8 and all(c["rel_err"] <= c["tol"] for c in hits), fmt
+        shapes = 1 if fmt in BLOCK_GRID_FORMATS else 2  # block grids only where the block divides the layer
+        assert len(hits) == 4 * shapes and all(c["rel_err"] <= c["tol"] for c in hits), fmt
+    for kind in ("int8", "fp8_rowwise"):  # both run on CPU: 2 shapes x (2-D+bias, 4-D)
+        hits = [c for n, c in names.items() if n.startswith(f"correct.{kind}_matmul.")]
+        assert len(hits) == 4 and all(c["status"] == "PASS" and c["rel_err"] <= c["tol"] for c in hits), kind
     fp8 = [c for n, c in names.items() if n.startswith("correct.fp8_matmul.")]  # CPU runs _scaled_mm emulated
     assert len(fp8) == 16 and all(c["status"] == "PASS" and c["rel_err"] <= c["tol"] for c in fp8)
     assert {c["status"] for n, c in names.items() if n.startswith("correct.kitchen_matmul.")} == {"SKIP"}

@@ -125,3 +125,52 @@ def test_int8_matmul_option_requantizes_fp8_and_reports_the_error(comfy_inproces
     want = denoise(ref)
     assert float((out - want).norm() / want.norm()) < 2e-2
     assert any("re-quantized" in l for l in res.report_lines), res.report_lines
+
+
+@pytest.mark.parametrize("recipe,policy", [("lightx2v_int8", "auto"), ("ctq_fp8_row", "auto"),
+                                           ("ctq_int8_block", "auto"), ("ctq_fp8_block3d", "int8_matmul")])
+def test_loader_node_samples_in_a_running_comfyui(comfy_server, recipe, policy):
+    """The loader node in a real ComfyUI server: load -> KSampler (2 steps) -> finite latent."""
+    import json
+    import shutil
+
+    from fixtures import loader_node, sampler_prompt
+
+    folder = comfy_server.models / "diffusion_models" / f"grid_{recipe}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    build, _, _ = RECIPES[recipe]
+    q = build(tiny_wan(seed=6))
+    if policy == "int8_matmul":  # int8_matmul needs per-tensor fp8 or int8 layers: add one fp8 layer
+        fp8, _ = syn.comfy_native(tiny_wan(seed=6), {"blocks.0.ffn.0": "float8_e4m3fn"})
+        q = {k: v for k, v in q.items() if not k.startswith("blocks.0.ffn.0.")}
+        q.update({k: v for k, v in fp8.items() if k.startswith("blocks.0.ffn.0.")})
+    syn.save(q, folder / "model.safetensors")
+    hist = comfy_server.run_prompt(sampler_prompt(loader_node(f"grid_{recipe}/model.safetensors", policy=policy)))
+    assert hist["status"]["status_str"] == "success", json.dumps(hist["status"])[:3000]
+    stats = hist["outputs"]["5"]["stats"][0]
+    assert stats["finite"] and stats["shape"] == [1, 16, 1, 8, 8]
+
+
+@pytest.mark.parametrize("recipe", ["ctq_int8_tensor", "lightx2v_int8", "ctq_fp8_block"])
+def test_comfy_requantizes_a_patched_weight_in_the_same_grid(comfy_inprocess, tmp_path, recipe):
+    """ComfyUI's LoRA merge path (set_weight -> requantize_from_float) keeps the layer's format,
+    grid and per-tensor-ness; the stored result is the patched weight within its quantization step."""
+    from wanquant.nodes.bridge import load_wan_model
+    from wanquant.ops.formats import get_format
+
+    build, fmt, _ = RECIPES[recipe]
+    q = build(tiny_wan(seed=4))
+    res = load_wan_model(str(syn.save(q, tmp_path / "m.safetensors")))
+    layer = res.patcher.model.diffusion_model.get_submodule("blocks.0.ffn.0")
+    before = layer.weight._params
+    dense = layer.weight.dequantize().float()
+    target = dense * 1.05 + 1e-3
+    layer.set_weight(target, seed=0)
+    after = layer.weight._params
+    assert (after.fmt, after.block, tuple(after.scale.shape)) == (before.fmt, before.block, tuple(before.scale.shape))
+    got = get_format(fmt).dequantize({"weight": layer.weight._qdata, "weight_scale": after.scale},
+                                     conf={"group_size": after.block} if after.block else None)
+    step = after.scale.float().max() * (1.0 if fmt.startswith("int8") else 32.0)  # int8: 1 step; e4m3: ulp <= 32 s
+    assert float((got - target).abs().max()) <= float(step)
