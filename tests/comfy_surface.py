@@ -61,6 +61,15 @@ NAMES: dict[str, Use] = {
     "folder_paths.folder_names_and_paths.get": Use(2),
     "folder_paths.filename_list_cache.pop": Use(2),
     "folder_paths.models_dir": Use(),
+    # Vista4D on ComfyUI's Wan (nodes/vista4d_model.py)
+    "comfy.conds.CONDRegular": Use(1),
+    "comfy.ldm.common_dit.pad_to_patch_size": Use(2),
+    "comfy.ldm.wan.model.WanModel": Use(),
+    "comfy.ldm.wan.model.repeat_e": Use(),
+    "comfy.ldm.wan.model.sinusoidal_embedding_1d": Use(2),
+    "comfy.model_base.WAN21": Use(),
+    "comfy.model_management.cast_to": Use(1, ("dtype", "device")),
+    "comfy.ops.manual_cast": Use(),
     # the V3 node API
     "comfy_api.latest.ComfyExtension": Use(),
     "comfy_api.latest.io.ComfyNode": Use(),
