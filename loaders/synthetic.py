@@ -74,12 +74,13 @@ def wan_state_dict(dim: int = 256, ffn_dim: int = 512, num_blocks: int = 2, in_d
 
 
 def vista4d_extras(sd: dict[str, torch.Tensor], dim: int, num_blocks: int, seed: int = 1, cam_in: int = 6,
-                   dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """Vista4D's new modules (seed 000): latent encoder patchifiers, per-block cam_encoder/projector."""
+                   dtype: torch.dtype = torch.bfloat16, mask_channels: int = 8) -> dict[str, torch.Tensor]:
+    """Vista4D's new modules (seed 000): latent encoder patchifiers, per-block cam_encoder/projector.
+    The real mask patchifier reads 2 masks x 4x8x8 pixels = 512 channels; 8 keeps files small."""
     g = torch.Generator().manual_seed(seed)
     out = dict(sd)
     for src in ("source", "point_cloud"):
-        for kind, ch in (("rgb", 16), ("mask", 8)):
+        for kind, ch in (("rgb", 16), ("mask", mask_channels)):
             base = f"latent_encoder.{src}_patch_embedding.{kind}_patchify.patch_embedding"
             out[f"{base}.weight"] = (0.02 * torch.randn(dim, ch, 1, 2, 2, generator=g)).to(dtype)
             out[f"{base}.bias"] = torch.zeros(dim, dtype=dtype)

@@ -163,11 +163,24 @@ def _build_patcher(model: CanonicalModel, path, base, policy, compute_dtype, nib
     # Vista4D / WorldStereo modules: references into the file, read only when a node asks
     patcher.model.wanquant_extras = LazyTensors({k: model.entries[k] for k in extras}, model.sources())
     patcher.model.wanquant_report = model.report
+    vista = _vista4d(patcher, model, extras)
 
-    lines = _report_lines(model, extras, policy, plan, patcher, COMPUTE_DTYPES[compute_dtype])
+    lines = _report_lines(model, extras, policy, plan, patcher, COMPUTE_DTYPES[compute_dtype], vista)
     for line in lines:
         log.info("%s", line)
     return LoadResult(patcher, model, lines)
+
+
+def _vista4d(patcher, model: CanonicalModel, extras: list[str]) -> list[str]:
+    """With every Vista4D module present, the model becomes Vista4D (nodes/vista4d_model.py)."""
+    if "vista4d" not in model.report.extras:
+        return []
+    from .vista4d_model import make_vista4d, vista4d_layout
+
+    layout = vista4d_layout(extras)
+    if layout is None:
+        return []
+    return make_vista4d(patcher, {k: model.entries[k].load() for k in extras}, layout)
 
 
 def reload_patcher(path, base, policy, compute_dtype, nibble_order, nvfp4_scale_layout="auto", disable_dynamic=False):
@@ -176,7 +189,8 @@ def reload_patcher(path, base, policy, compute_dtype, nibble_order, nvfp4_scale_
                           nvfp4_scale_layout=nvfp4_scale_layout).patcher
 
 
-def _report_lines(model: CanonicalModel, extras: list[str], policy: str, plan, patcher, forced_dtype) -> list[str]:
+def _report_lines(model: CanonicalModel, extras: list[str], policy: str, plan, patcher, forced_dtype,
+                  vista: list[str] = ()) -> list[str]:
     rep = model.report
     q = ", ".join(f"{n} {f}" for f, n in sorted(rep.formats.items(), key=lambda kv: -kv[1]))
     lines = [
@@ -210,7 +224,10 @@ def _report_lines(model: CanonicalModel, extras: list[str], policy: str, plan, p
         lines.append(f"compute dtype: {str(forced_dtype or dtype).replace('torch.', '')}{note}")
     if rep.nibble_order:
         lines.append(f"FP4 nibble order: {rep.nibble_order}")
+    lines += vista
     for group, mods in rep.extras.items():
+        if vista and group == "vista4d":
+            continue
         lines.append(f"extra modules ({group}): {len(mods)} kept beside the model (not used by ComfyUI's Wan): "
                      + ", ".join(mods[:3]) + (" ..." if len(mods) > 3 else ""))
     if extras and not rep.extras:

@@ -3,7 +3,7 @@
 import importlib
 
 # Modules (relative to this package) that define a module-level NODES list.
-NODE_MODULES = ("loader_nodes", "pose_nodes", "lora_nodes", "utility_nodes")
+NODE_MODULES = ("loader_nodes", "pose_nodes", "lora_nodes", "utility_nodes", "vista4d_nodes")
 
 
 def all_nodes():

@@ -296,29 +296,63 @@ def wf_t2v_fp8(info):
 def wf_vista4d(info):
     g = Graph(info)
     note = g.add("MarkdownNote", (20, 20), {"text": md(
-        "## Vista4D fp8 backbone over Wan2.1-T2V-14B",
-        "Vista4D's fp8 release holds only the layers it finetuned (sharded, `.weight.scale_weight` siblings). "
-        "Pick its `*.index.json` as **model_name** and the Wan2.1-T2V-14B file as **base_name**: the finetune's "
-        "layers replace the base's. Without a base the loader stops with one clear message.",
-        "Vista4D's camera / point-cloud modules (`latent_encoder`, `cam_encoder`, `projector`) are kept aside and "
-        "listed in the report: core ComfyUI has no Vista4D conditioning, so this runs the backbone as text-to-video.",
+        "## Vista4D reshoot: a video from a new camera path (Vista4D fp8 over Wan2.1-T2V-14B)",
+        "Pick the fp8 release's `*.index.json` as **model_name** and the Wan2.1-T2V-14B file as **base_name**; the "
+        "loader overlays it and, with `latent_encoder`, `cam_encoder` and `projector` present, builds the Vista4D "
+        "model (the report says so).",
+        "**Inputs**: the source video, and its per-frame **depth as a video you provide** (made with any depth node "
+        "pack, e.g. Depth Anything: bright = near). No depth, pose or segmentation model is bundled; the source "
+        "camera is assumed static (locked-off) unless you give an upstream `.npz` of its poses, and every pixel "
+        "counts as dynamic unless you connect a mask. Both videos are scaled to 672x384 and cut to 49 frames.",
+        "**Camera**: a preset (orbit, pan, dolly, crane) or an upstream `cameras_tgt.npz`. The renderer splats the "
+        "point cloud into the target cameras (plain torch); the conditioning node encodes source and render, packs "
+        "the alpha/motion masks, makes the Plücker rays and sets them on positive *and* negative.",
         "", "**Downloads**:", code("\n".join([DL_VISTA, DL_T2V, DL_T5, DL_VAE])),
-        "Settings: 672x384 (384p49 checkpoint), 49 frames, 30 steps, CFG 6, uni_pc/simple, shift 8.")}, width=560)
+        "Settings (upstream): 672x384 (384p49), 49 frames, 50 steps, CFG 5, shift 5.")}, width=560)
     y = g.bottom(note)
     dit = g.add("WanQuantLoadDiT", (20, y), {
         "model_name": "vista4d-fp8/384p49_step=30000-fp8/diffusion_pytorch_model.safetensors.index.json",
         "base_name": "wan2.1_t2v_14B_fp8_scaled.safetensors"}, title="Load Vista4D over its base", color=OURS,
         width=420)
     report_preview(g, dit, (20, g.bottom(dit, 30)))
-    pos, neg = text_encoding(g, 620, 140, "A skateboarder carves down an empty concrete bowl, late afternoon sun, "
-                                          "handheld camera")
-    vae = g.add("VAELoader", (620, 560), {"vae_name": "wan_2.1_vae.safetensors"})
-    lat = g.add("EmptyHunyuanLatentVideo", (620, 700), {"width": 672, "height": 384, "length": 49, "batch_size": 1})
-    sampler_tail(g, (dit, "MODEL"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), (lat, "LATENT"), 1440, 260,
-                 shift=8.0, steps=30, cfg=6.0, sampler="uni_pc", scheduler="simple", vae=vae, fps=16,
-                 prefix="wanquant/vista4d_fp8")
+    frames = {}
+    for i, (name, title) in enumerate((("source.mp4", "Source video"), ("source_depth.mp4", "Source depth video"))):
+        yy = 20 + i * 330
+        vid = g.add("LoadVideo", (620, yy), {"file": name}, title=title)
+        comps = g.add("GetVideoComponents", (900, yy), width=240)
+        g.link(vid, "VIDEO", comps, "video")
+        sc = g.add("ImageScale", (1160, yy), {"upscale_method": "lanczos", "width": 672, "height": 384,
+                                               "crop": "center"})
+        g.link(comps, "images", sc, "image")
+        cut = g.add("ImageFromBatch", (1160, yy + 170), {"batch_index": 0, "length": 49}, title="First 49 frames")
+        g.link(sc, "IMAGE", cut, "image")
+        frames[name] = cut
+    cam = g.add("WanQuantVista4DCamera", (1440, 20), {"preset": "orbit", "amount": 20.0, "pivot_depth": 0.0,
+                                                      "camera_file": ""}, title="Target camera", color=OURS, width=360)
+    rnd = g.add("WanQuantVista4DRender", (1440, 260), {"depth_kind": "inverse (bright = near)", "near": 1.0,
+                                                       "far": 10.0, "fov": 60.0, "source_camera_file": ""},
+                title="Point-cloud render", color=OURS, width=360)
+    g.link(frames["source.mp4"], "IMAGE", rnd, "source")
+    g.link(frames["source_depth.mp4"], "IMAGE", rnd, "depth")
+    g.link(cam, "camera", rnd, "camera")
+    prev = g.add("PreviewImage", (1840, 20), title="Render preview", width=360)
+    g.link(rnd, "render", prev, "images")
+    pos, neg = text_encoding(g, 620, 760, "A skateboarder carves down an empty concrete bowl, late afternoon sun")
+    vae = g.add("VAELoader", (620, 1180), {"vae_name": "wan_2.1_vae.safetensors"})
+    cond = g.add("WanQuantVista4DConditioning", (1440, 700), title="Vista4D conditioning", color=OURS, width=360)
+    g.link(dit, "MODEL", cond, "model")
+    g.link(pos, "CONDITIONING", cond, "positive")
+    g.link(neg, "CONDITIONING", cond, "negative")
+    g.link(vae, "VAE", cond, "vae")
+    g.link(frames["source.mp4"], "IMAGE", cond, "source")
+    g.link(rnd, "render", cond, "render")
+    g.link(rnd, "alpha", cond, "alpha")
+    g.link(rnd, "motion", cond, "motion")
+    g.link(rnd, "cameras", cond, "cameras")
+    sampler_tail(g, (dit, "MODEL"), (cond, "positive"), (cond, "negative"), (cond, "latent"), 1900, 520,
+                 shift=5.0, steps=50, cfg=5.0, sampler="euler", scheduler="simple", vae=vae, fps=16,
+                 prefix="wanquant/vista4d_reshoot")
     return g
-
 
 def i2v_front(g: Graph, x: int, y: int, width: int, height: int, length: int, image: str, positive: str):
     pos, neg = text_encoding(g, x, y, positive)

@@ -47,7 +47,7 @@ SIZE, LENGTH = 64, 5
 FAKE_DET, FAKE_POSE = "wq_wf_det.onnx", "wq_wf_vitpose.onnx"
 FAMILY = {  # words the loader/inspect reports must contain per workflow
     "wanquant_wan2.1_t2v_14B_fp8": ("Wan2.1-T2V", "float8_e4m3fn"),
-    "wanquant_vista4d_fp8_over_wan2.1_t2v": ("Wan2.1-T2V", "float8_e4m3fn"),
+    "wanquant_vista4d_fp8_over_wan2.1_t2v": ("Wan2.1-T2V", "float8_e4m3fn", "Vista4D: three-stream"),
     "wanquant_worldstereo_fp8_i2v": ("Wan2.1-I2V", "key style: diffusers"),
     "wanquant_wan2.1_i2v_nvfp4_lightx2v_4step": ("Wan2.1-I2V", "nvfp4", "mxfp8"),
     "wanquant_wan2.2_animate_fp4_distill_6step": ("Wan2.2-Animate", "fp4_g32", "CPUExecutionProvider"),
@@ -168,8 +168,9 @@ def build_standins(models: Path, inputs: Path, names: dict[str, set[str]]) -> di
         syn.save(syn.kijai_scaled_fp8(t2v, scale_dtype=torch.float32), dm / base)
     vista = "vista4d-fp8/384p49_step=30000-fp8/diffusion_pytorch_model.safetensors.index.json"
     if want("diffusion_models", vista):
-        ft = syn.vista4d_extras(syn.wan_state_dict(seed=2), 256, 2)
-        keep = {k: v for k, v in ft.items() if ".self_attn." in k or "cam_encoder" in k or "projector" in k}
+        ft = syn.vista4d_extras(syn.wan_state_dict(seed=2), 256, 2, mask_channels=512)
+        keep = {k: v for k, v in ft.items() if ".self_attn." in k or "cam_encoder" in k or "projector" in k
+                or k.startswith("latent_encoder.")}
         idx = syn.save_sharded(syn.vista4d_fp8(keep), dm / Path(vista).parent, shards=1)
         assert idx == dm / vista, idx
     ws = "WorldStereo-memory-dmd-fp8_e4m3fn_scaled.safetensors"
