@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from ..errors import WanquantError
 from .formats import FORMAT_NAMES, FP8_FORMATS, get_format
+from .formats.gguf import example_tensors as gguf_example
+from .formats.gguf import is_gguf
 from .formats._common import kitchen
 from .linear import linear_dequant, linear_fp8_scaled_mm
 from .policy import (DEQUANT, FP8_MATMUL, KITCHEN_FORMATS, KITCHEN_MATMUL, DeviceCaps, capability, choose,
@@ -135,6 +137,8 @@ def advice(fmt: str, caps: DeviceCaps) -> str:
         return _fp8_advice(caps)
     if fmt in KITCHEN_FORMATS:
         return _kitchen_advice(fmt, caps)
+    if is_gguf(fmt):
+        return _gguf_advice(caps)
     return _fp4_g32_advice(caps)
 
 
@@ -184,6 +188,13 @@ def _fp4_g32_advice(caps: DeviceCaps) -> str:
     if fp8_matmul_native(caps)[0]:
         return f"{base}; for speed convert once: wanquant convert SRC DST --to float8_e4m3fn"
     return base
+
+
+def _gguf_advice(caps: DeviceCaps) -> str:
+    base = "GGUF blocks have no tensor-core kernel, so they are dequantized per forward on every device"
+    if fp8_matmul_native(caps)[0]:
+        return f"{base}; for speed convert once: wanquant convert SRC DST --to float8_e4m3fn"
+    return f"{base}; wanquant convert SRC DST --to bf16 trades file size for no dequant cost"
 
 
 def _sm(v) -> str:
@@ -244,7 +255,9 @@ def micro_benchmark(dev: torch.device, caps: DeviceCaps, budget_s: float = 10.0,
                 if path == KITCHEN_MATMUL:
                     fn = kitchen_layout_linear(x, fmt, w)
                 else:
-                    if tensors is None:
+                    if tensors is None and is_gguf(fmt):  # read-only formats: random valid blocks
+                        tensors, conf = gguf_example(get_format(fmt).qtype, (n, k), device=dev)
+                    elif tensors is None:
                         tensors, conf = get_format(fmt).quantize(w)
                         conf = dict(conf, orig_shape=[n, k])
                     if path == FP8_MATMUL:

@@ -14,13 +14,14 @@ import torch
 from ...errors import WanquantError
 from . import fp4_g32 as _fp4_g32
 from . import fp8 as _fp8
+from . import gguf as _gguf
 from . import mxfp8 as _mxfp8
 from . import nvfp4 as _nvfp4
 from ._common import from_blocked, kitchen, swap_nibbles, to_blocked
 from .base import QuantFormat
 
 _REGISTRY: dict[str, QuantFormat] = {
-    f.name: f for f in (_fp8.E4M3, _fp8.E5M2, _nvfp4.FORMAT, _mxfp8.FORMAT, _fp4_g32.FORMAT)
+    f.name: f for f in (_fp8.E4M3, _fp8.E5M2, _nvfp4.FORMAT, _mxfp8.FORMAT, _fp4_g32.FORMAT, *_gguf.FORMATS)
 }
 
 #: every quantized format name this pack understands
