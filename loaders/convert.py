@@ -16,6 +16,7 @@ import torch
 
 from ..errors import WanquantError
 from ..ops.formats import comfy_quant_tensor, get_format
+from ..ops.formats.gguf import is_gguf
 from .canonical import CanonicalModel, Entry, Report, load_with_base
 from .lora_sniff import lora_key_example
 from .report_text import report_lines
@@ -40,8 +41,13 @@ class ConvertResult:
                "changed: " + changes(self.report)]
         if self.fp4_errors:
             errs = list(self.fp4_errors.values())
-            out.append(f"FP4 group-32 → {self.to}: {len(errs)} layers re-encoded; relative error added "
+            src = sorted(f for f in self.report.formats if f == "fp4_g32" or is_gguf(f))
+            what = "FP4 group-32" if src == ["fp4_g32"] else "/".join(src)
+            out.append(f"{what} → {self.to}: {len(errs)} layers re-encoded; relative error added "
                        f"mean {sum(errs) / len(errs):.2e}, max {max(errs):.2e}")
+            worst = sorted(self.fp4_errors.items(), key=lambda kv: -kv[1])[:5]
+            out.append("largest added error per layer: " + ", ".join(f"{n} {e:.2e}" for n, e in worst)
+                       + (" (every layer: wanquant -v convert ...)" if len(errs) > 5 else ""))
         extras = self.report.extras
         if extras:
             out.append("kept extra modules: " + ", ".join(f"{g} ({len(m)})" for g, m in extras.items()))
@@ -60,6 +66,9 @@ def changes(rep: Report) -> str:
     legacy = sum(n for s, n in rep.spellings.items() if "scale" in s and "comfy_quant" not in s)
     if legacy:
         parts.append(f"{legacy} per-tensor scales written as fp32 weight_scale with a comfy_quant entry")
+    gg = sum(n for f, n in rep.formats.items() if is_gguf(f))
+    if gg:
+        parts.append(f"GGUF container rewritten as safetensors ({gg} block-quantized layers re-encoded)")
     if rep.dequantized:
         parts.append(f"{len(rep.dequantized)} layers ComfyUI cannot run quantized written dequantized")
     return "; ".join(parts) or "keys and scales were already native (only comfy_quant entries written where missing)"
@@ -68,13 +77,43 @@ def changes(rep: Report) -> str:
 def _fp4_to_target(name: str, entries: dict[str, Entry], to: str, errors: dict[str, float]) -> list[Entry]:
     """Plan the replacement entries of one FP4 layer; the work happens when the writer loads them."""
     w_e, s_e = entries[f"{name}.weight"], entries[f"{name}.weight_scale"]
-    n, k = w_e.shape[0], w_e.shape[1] * 2
+
+    def dequant():
+        ref = get_format("fp4_g32").dequantize({"weight": w_e.load(), "weight_scale": s_e.load()}, torch.float32)
+        if not bool(torch.isfinite(ref).all()):
+            raise WanquantError("FP4 group-32 scales give NaN/Inf weights (corrupt or out-of-range scale)",
+                                layer=name, expected="finite group scales", found=f"{s_e.key}")
+        return ref
+
+    return _to_target(name, (w_e.shape[0], w_e.shape[1] * 2), dequant, to, errors)
+
+
+def _gguf_to_target(name: str, conf: dict, entries: dict[str, Entry], to: str, errors: dict[str, float]) -> list[Entry]:
+    """Plan one GGUF layer's re-encoding (dequantized exactly in fp32 first, as gguf-py decodes it)."""
+    w_e = entries[f"{name}.weight"]
+    fmt = get_format(conf["format"])
+
+    def dequant():
+        ref = fmt.dequantize({"weight": w_e.load()}, torch.float32, conf)
+        if not bool(torch.isfinite(ref).all()):
+            raise WanquantError("GGUF block scales give NaN/Inf weights (corrupt file)", layer=name,
+                                expected="finite fp16 block scales", found=conf["format"])
+        return ref
+
+    return _to_target(name, fmt.orig_shape({}, conf), dequant, to, errors)
+
+
+def _to_target(name: str, shape: tuple[int, int], dequant: Callable[[], torch.Tensor], to: str,
+               errors: dict[str, float]) -> list[Entry]:
+    """Replacement entries of one layer ComfyUI cannot load as it is: ``dequant()`` gives its exact
+    fp32 weight, re-encoded to ``to`` when the writer asks; the relative error added is recorded."""
+    n, k = shape
     cache: dict[str, torch.Tensor] = {}
     pending: set[str] = set()
 
     def produce() -> dict[str, torch.Tensor]:
         if not cache:
-            ref = get_format("fp4_g32").dequantize({"weight": w_e.load(), "weight_scale": s_e.load()}, torch.float32)
+            ref = dequant()
             if to == "bf16":
                 cache["weight"] = ref.to(torch.bfloat16)
                 got = cache["weight"].float()
@@ -84,9 +123,6 @@ def _fp4_to_target(name: str, entries: dict[str, Entry], to: str, errors: dict[s
                 cache.update(tensors)
                 cache["comfy_quant"] = comfy_quant_tensor(conf)
                 got = fmt.dequantize(tensors, torch.float32, conf)
-            if not bool(torch.isfinite(ref).all()):
-                raise WanquantError("FP4 group-32 scales give NaN/Inf weights (corrupt or out-of-range scale)",
-                                    layer=name, expected="finite group scales", found=f"{s_e.key}")
             errors[name] = float(torch.linalg.vector_norm(got - ref, dtype=torch.float64)
                                  / torch.linalg.vector_norm(ref, dtype=torch.float64).clamp_min(1e-30))
             pending.update(cache)
@@ -132,13 +168,15 @@ def plan(model: CanonicalModel, to: str, errors: dict[str, float]) -> list[Entry
     """The list of output entries in order, FP4 layers replaced by their target encoding."""
     if to not in FP4_TARGETS:
         raise WanquantError("unknown --to target for FP4 group-32", expected=" / ".join(FP4_TARGETS), found=to)
-    fp4 = {n for n, l in model.layers.items() if l.format == "fp4_g32"}
+    fp4 = {n for n, l in model.layers.items() if l.format == "fp4_g32" or is_gguf(l.format)}
     out: list[Entry] = []
     done: set[str] = set()
     for key, e in model.entries.items():
         if e.layer in fp4:
             if e.layer not in done:
-                out.extend(_fp4_to_target(e.layer, model.entries, to, errors))
+                layer = model.layers[e.layer]
+                out.extend(_gguf_to_target(e.layer, dict(layer.conf), model.entries, to, errors)
+                           if is_gguf(layer.format) else _fp4_to_target(e.layer, model.entries, to, errors))
                 done.add(e.layer)
             if key.endswith((".weight", ".weight_scale", ".comfy_quant")) and key.rsplit(".", 1)[0] == e.layer:
                 continue
@@ -176,7 +214,7 @@ def _convert(model: CanonicalModel, src, dst, base, to: str, progress) -> Conver
     write_safetensors(dst, [(e.key, e.shape, e.dtype, e.load) for e in entries], meta, progress,
                       before_commit=render)
     for name, err in errors.items():
-        log.info("%s: FP4 group-32 → %s adds relative error %.3e", name, to, err)
+        log.info("%s: re-encoded to %s adds relative error %.3e", name, to, err)
     return result
 
 
