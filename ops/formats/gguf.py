@@ -261,6 +261,7 @@ def example_tensors(qtype: str, shape: tuple[int, int], generator: torch.Generat
     wanquant does not quantize to GGUF and dequant cost does not depend on the values."""
     n, k = shape
     bs, ts = BLOCKS[qtype]
+    byte_shape(shape, qtype)  # a clear error when k is not a whole number of blocks
     nb = n * k // bs
     raw = torch.randint(0, 256, (nb, ts), generator=generator, dtype=torch.uint8)
     for off in _F16_OFFSETS[qtype]:
