@@ -5,7 +5,8 @@
     python -m wanquant.benchmarks.bench_linear --quick    # one shape, M=128 on CPU: ~1 minute
 
 Every time is the median of ``--reps`` calls (default 3 on CPU, 10 on GPU) after warm-up; the
-default CPU run (3 shapes, 4 formats, M=512) takes ~5-8 minutes on 2 cores.
+default CPU run (3 shapes, 6 formats, M=512) takes ~8-12 minutes on 2 cores. GGUF (Q8_0, Q4_K) is
+timed on random valid blocks, as wanquant never writes GGUF (its weight error is printed as nan).
 
 Shapes: x [M, K] through q/k/v/o (5120x5120) and the FFN (5120->13824, 13824->5120); on a GPU
 M = 32760 (81 frames 480x832 after patching). Per path: time as a ratio to bf16 dense F.linear
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.formats import get_format
+from ..ops.formats.gguf import example_tensors as gguf_example
+from ..ops.formats.gguf import is_gguf
 from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
 from ..ops.linear_grid import linear_fp8_rowwise, linear_int8
 from ..ops.policy_grid import int8_matmul_possible
@@ -30,7 +33,8 @@ from ..ops.probe import kitchen_layout_linear, median_time, peak_extra_bytes
 
 SHAPES = {"qkvo": (5120, 5120), "ffn0": (13824, 5120), "ffn2": (5120, 13824)}  # name -> (N, K)
 SHAPE_LABELS = {"qkvo": "q/k/v/o 5120x5120", "ffn0": "ffn.0 5120->13824", "ffn2": "ffn.2 13824->5120"}
-FORMATS = ("float8_e4m3fn", "nvfp4", "mxfp8", "fp4_g32", "float8_e4m3fn_rowwise", "int8_tensorwise")
+FORMATS = ("float8_e4m3fn", "nvfp4", "mxfp8", "fp4_g32", "float8_e4m3fn_rowwise", "int8_tensorwise", "gguf_q8_0",
+           "gguf_q4_k")
 REF_ROWS = 128
 
 
@@ -79,11 +83,14 @@ def main(argv=None):
         xin = xb if gpu else xf
         for fmt in args.formats.split(","):
             f = get_format(fmt)
-            t, conf = f.quantize(w)
+            if is_gguf(fmt):  # wanquant reads GGUF, never writes it: random valid blocks (same decode cost)
+                t, conf = gguf_example(f.qtype, (n, k), g, dev)
+            else:
+                t, conf = f.quantize(w)
             conf = dict(conf, orig_shape=[n, k])
             w64 = f.dequantize(t, conf=conf).double()
             ref = x[:REF_ROWS].double() @ w64.T
-            werr = float((w64 - w.double()).norm() / w.double().norm())
+            werr = float("nan") if is_gguf(fmt) else float((w64 - w.double()).norm() / w.double().norm())
             bf_err = rel(F.linear(xb[:REF_ROWS], w64.to(torch.bfloat16)), ref)
             paths = {"dequant": lambda: linear_dequant(xin, fmt, t, None, conf)}
             if fmt == "float8_e4m3fn" and (gpu or args.cpu_fp8_matmul):

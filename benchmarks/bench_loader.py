@@ -160,15 +160,84 @@ def inspect_14b_header(folder: Path, runs: int = 3) -> float:
     return dt
 
 
+GGUF_CHILD = r"""
+import json, sys, time
+def anon():
+    for line in open('/proc/self/status'):
+        if line.startswith('RssAnon:'):
+            return int(line.split()[1]) * 1024
+import torch
+from wanquant.loaders.canonical import load_canonical
+base = anon()
+t0 = time.perf_counter()
+with load_canonical(sys.argv[1]) as m:
+    held = [e.load() for e in m.entries.values()]
+    touched = sum(int(t.reshape(-1).view(torch.uint8)[::4096].sum()) for t in held)  # every page read
+    dt = time.perf_counter() - t0
+    print(json.dumps({'seconds': dt, 'anon_delta': anon() - base}))
+"""
+
+
+def build_gguf(path: Path, size_gb: float) -> Path:
+    """Wan-14B-shaped blocks (q/k/v/o 5120x5120 x2, FFN 5120<->13824) as Q8_0 GGUF, random valid
+    blocks, until ``size_gb`` (about 0.37 GB per block)."""
+    import gguf
+    import numpy as np
+    import torch
+
+    from ..ops.formats.gguf import example_tensors
+
+    if path.exists():
+        return path
+    w = gguf.GGUFWriter(str(path), arch="wan")
+    g = torch.Generator().manual_seed(0)
+    total, b = 0, 0
+    while total < size_gb * 2**30:
+        for name, (n, k) in [(f"{a}.{m}", (5120, 5120)) for a in ("self_attn", "cross_attn") for m in "qkvo"] + \
+                [("ffn.0", (13824, 5120)), ("ffn.2", (5120, 13824))]:
+            t, _ = example_tensors("Q8_0", (n, k), g)
+            w.add_tensor(f"blocks.{b}.{name}.weight", t["weight"].numpy(), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(f"blocks.{b}.{name}.bias", np.zeros(n, dtype=np.float32))
+            total += t["weight"].numel()
+        b += 1
+    w.add_tensor("head.modulation", np.zeros((1, 2, 5120), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def gguf_load(root: Path, size_gb: float, runs: int) -> None:
+    """Open a GGUF Wan file in canonical form and read every page of every tensor: time and the
+    private (anonymous) memory that adds. The weights stay memory-mapped, so it should stay near 0
+    whatever the file size (the page cache holds the file, reclaimable)."""
+    path = build_gguf(root / f"wan_q8_0_{size_gb:g}GB.gguf", size_gb)
+    res = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", GGUF_CHILD, str(path)], check=True, capture_output=True, text=True)
+        res.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    secs = statistics.median(r["seconds"] for r in res)
+    anon = statistics.median(r["anon_delta"] for r in res)
+    size = path.stat().st_size
+    print(f"GGUF Q8_0 {size / 2**30:.2f} GiB: canonical load + every page read {secs:.2f} s "
+          f"({size / 2**30 / secs:.2f} GiB/s); private memory added {anon / 2**20:.1f} MiB "
+          f"({anon / size * 100:.2f}% of the file)")
+    _drop(path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes-gb", type=float, nargs="+", default=[1.0, 4.0])
     ap.add_argument("--runs", type=int, default=3, help="fresh processes per side (median reported; >= 3)")
     ap.add_argument("--dir", default="/tmp/wanquant-bench")
+    ap.add_argument("--gguf-gb", type=float, default=1.0, help="size of the GGUF load test file (0: skip)")
     args = ap.parse_args(argv)
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     inspect_14b_header(root, args.runs)
+    if args.gguf_gb:
+        gguf_load(root, args.gguf_gb, args.runs)
     print(f"{'size':>8} {'plain s':>9} {'convert s':>10} {'ratio':>6} {'plain ΔRSS':>11} {'convert ΔRSS':>13}")
     for size in args.sizes_gb:
         src_dir = root / f"src_{size:g}GB"

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 
 from ..ops.formats import FORMAT_NAMES, FP8_FORMATS, get_format
 from ..ops.formats import FP8_ROWWISE_FORMATS
+from ..ops.formats.gguf import example_tensors as gguf_example
+from ..ops.formats.gguf import is_gguf
 from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
 from ..ops.linear_grid import linear_fp8_rowwise, linear_int8
 from ..ops.policy_grid import BLOCK_GRID_FORMATS, int8_matmul_possible
@@ -110,6 +112,14 @@ def _e2m1_hi_first(u8):
     return torch.stack([table[b // 16], table[b % 16]], -1).reshape(b.shape[0], -1)
 
 
+def _quantized(fmt: str, w: torch.Tensor, g, conf: dict | None = None) -> tuple[dict, dict]:
+    """The format's tensors for ``w``; GGUF (read-only in wanquant): random valid blocks of that shape."""
+    if is_gguf(fmt):
+        return gguf_example(get_format(fmt).qtype, tuple(w.shape), g if g is not None and g.device.type == "cpu"
+                            else None, device=w.device)
+    return get_format(fmt).quantize(w, conf=conf)
+
+
 def ref_weight(fmt: str, t: dict, n: int, k: int) -> torch.Tensor:
     """Each format's own formula in fp64 on the CPU (not the pack's decoders)."""
     t = {key: v.cpu() for key, v in t.items()}
@@ -138,6 +148,11 @@ def ref_weight(fmt: str, t: dict, n: int, k: int) -> torch.Tensor:
         if sc.dim() == 3:
             return q * sc[i, j // (k // sc.shape[1]), 0]
         return q * sc[i // (n // sc.shape[0]), j // (k // sc.shape[1])]
+    if is_gguf(fmt):  # the producer's reference decode (gguf-py), widened to fp64
+        import gguf
+
+        qtype = gguf.GGMLQuantizationType[get_format(fmt).qtype]
+        return torch.from_numpy(gguf.quants.dequantize(t["weight"].numpy(), qtype)).double().reshape(n, k)
     raise ValueError(fmt)
 
 
@@ -165,10 +180,11 @@ def check_correctness(rep: Report, dev: torch.device, caps, quick: bool) -> None
         for aligned in (True, False):
             if not aligned and fmt in BLOCK_GRID_FORMATS:
                 continue  # block grids exist only where the block divides the layer
-            n, k = (256, 512) if aligned else ((200, 320) if fmt == "fp4_g32" else (200, 300))
+            n, k = (256, 512) if aligned else ((200, 320) if fmt == "fp4_g32" else
+                                               (200, 768) if is_gguf(fmt) else (200, 300))  # GGUF: whole 256-blocks
             w = torch.randn(n, k, generator=g) * 0.05
             bias = torch.randn(n, generator=g) * 0.1
-            t, conf = get_format(fmt).quantize(w)
+            t, conf = _quantized(fmt, w, g)
             conf = dict(conf, orig_shape=[n, k])
             w64 = ref_weight(fmt, t, n, k)
             td = {key: v.to(dev) for key, v in t.items()}
@@ -488,11 +504,11 @@ def check_speed(rep: Report, dev: torch.device, caps, quick: bool, ms: list[int]
         w = torch.randn(n, k, generator=g, device=dev) * 0.02
         quant = {}
         for fmt in FORMAT_NAMES:
-            if fmt == "float8_e5m2":
-                continue
+            if fmt == "float8_e5m2" or (is_gguf(fmt) and k % get_format(fmt).group_size):
+                continue  # GGUF K-quants need whole 256-blocks; the scaled-down CPU shapes lack them
             try:
                 bs = next((b for b in (64, 32, 16) if n % b == 0 and k % b == 0), 16)  # --quick: 864 = 32 x 27
-                t, conf = get_format(fmt).quantize(w, conf={"group_size": bs} if fmt in BLOCK_GRID_FORMATS else None)
+                t, conf = _quantized(fmt, w, None, {"group_size": bs} if fmt in BLOCK_GRID_FORMATS else None)
             except Exception as exc:  # noqa: BLE001 - one format's failure must not hide the others' numbers
                 rep.add("FAIL", f"speed.{sname}.{fmt}_quantize", f"{type(exc).__name__}: {str(exc)[:300]}")
                 continue

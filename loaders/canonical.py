@@ -25,6 +25,7 @@ import torch
 
 from ..errors import WanquantError
 from ..ops.formats import comfy_quant_tensor, swap_nibbles, to_blocked
+from ..ops.formats.gguf import is_gguf
 from . import keymap
 from .comfy_linear import runs_quantized
 from .containers import Source, TensorReader, TensorRef, open_source
@@ -397,9 +398,13 @@ def _dequantize_non_linear(det: Detection, report: Report) -> None:
     from ..ops.formats import get_format
 
     for name, layer in list(det.layers.items()):
-        if not layer.quantized or runs_quantized(name, len(layer.weight.shape)):
+        logical = layer.conf.get("orig_shape")  # GGUF: the payload is bytes, the conf holds the shape
+        if not layer.quantized or runs_quantized(name, len(logical or layer.weight.shape)):
             continue
-        shape = tuple(layer.weight.shape) if len(layer.weight.shape) != 2 else _logical_shape(layer)
+        if logical and len(logical) != 2:
+            shape = tuple(int(s) for s in logical)
+        else:
+            shape = tuple(layer.weight.shape) if len(layer.weight.shape) != 2 else _logical_shape(layer)
 
         def load(layer=layer, shape=shape):
             ents = {e.key.rsplit(".", 1)[1]: e.load() for e in _layer_entries(layer)}
@@ -509,6 +514,8 @@ def _layer_entries(layer: Layer) -> list[Entry]:
         out.append(Entry(f"{n}.weight", w.shape, w.dtype, w.loader, n))
         ws = layer.sides["weight_scale"]
         out.append(Entry(f"{n}.weight_scale", ws.shape, torch.uint8, _view(ws, torch.uint8), n))
+    elif is_gguf(layer.format):  # raw blocks as the file holds them (memory-mapped); conf has orig_shape
+        out.append(Entry(f"{n}.weight", w.shape, torch.uint8, w.loader, n))
     elif layer.format == "fp4_g32":
         if layer.nibble_order == "high_first":
             out.append(Entry(f"{n}.weight", w.shape, torch.uint8, w.loader, n))

@@ -30,6 +30,7 @@ import torch
 from ..errors import WanquantError
 from .header import TORCH_DTYPES, load_json, read_safetensors_header
 from .index import read_index, shard_path
+from .gguf_file import is_gguf_path, open_gguf
 from .pth import read_pth
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = dict(TORCH_DTYPES)  # one map, owned by the header validator
 DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
-MODEL_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".ckpt")
+MODEL_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".gguf")
 SIDE_FILES = ("config.yaml", "config.json", "quantize_config.json")
 MAX_SIDE_FILE_BYTES = 10_000_000  # configs are a few KB
 
@@ -54,6 +55,9 @@ class TensorRef:
     dtype: torch.dtype
     file: str
     _loader: Callable[[], torch.Tensor] = field(repr=False)
+    #: a comfy_quant-style conf the container itself knows from the tensor (GGUF block types:
+    #: the payload is raw blocks; ``{"format": "gguf_q4_k", "orig_shape": [...]}``), else None
+    quant_conf: dict | None = None
 
     @property
     def numel(self) -> int:
@@ -80,7 +84,7 @@ class Source:
     """What a container holds: tensors by key, header metadata and side files."""
 
     path: str
-    container: str  # "safetensors" | "sharded" | "pth"
+    container: str  # "safetensors" | "sharded" | "pth" | "gguf"
     tensors: dict[str, TensorRef]
     metadata: dict[str, str] = field(default_factory=dict)
     index_metadata: dict = field(default_factory=dict)
@@ -275,6 +279,9 @@ def open_source(path: str | os.PathLike, *, tensor_reader: TensorReader | None =
         src = _open_index(p, tensor_reader)
     elif p.suffix in (".pth", ".pt", ".ckpt"):
         src = _open_pth(p)
+    elif is_gguf_path(p):  # memory-mapped by gguf's reader; tensor_reader is for safetensors
+        refs, metadata, handle = open_gguf(str(p))
+        src = Source(str(p), "gguf", refs, metadata, files=[str(p)], handles=[handle])
     else:
         refs, metadata, handle = _open_safetensors(str(p), tensor_reader)
         src = Source(str(p), "safetensors", refs, metadata, files=[str(p)], handles=[handle])

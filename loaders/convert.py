@@ -1,7 +1,7 @@
 """``wanquant convert``: any supported checkpoint → ComfyUI's native file, streamed.
 
 fp8 payloads and NVFP4/MXFP8/int8 tensors are copied bit for bit (only scales are re-typed to
-fp32); layers stock ComfyUI cannot load (FP4 group-32, per-row / block fp8, block int8) are
+fp32); layers stock ComfyUI cannot load (FP4 group-32, per-row / block fp8, block int8, GGUF) are
 re-encoded one layer at a time to the chosen target (``int8`` is per-channel ``int8_tensorwise``,
 ComfyUI 0.33's own layout) and the error that adds is measured and reported. Memory stays at
 about one layer.
@@ -18,6 +18,7 @@ import torch
 
 from ..errors import WanquantError
 from ..ops.formats import comfy_quant_tensor, get_format
+from ..ops.formats.gguf import is_gguf
 from .canonical import CanonicalModel, Entry, Report, load_with_base
 from .lora_sniff import lora_key_example
 from .report_text import report_lines
@@ -31,6 +32,11 @@ REENCODE = ("fp4_g32", "float8_e4m3fn_rowwise", "float8_e4m3fn_blockwise", "floa
 TARGET_FORMAT = {"int8": "int8_tensorwise"}
 #: targets stock ComfyUI has no layout for (the file then loads through wanquant's loader only)
 WANQUANT_ONLY = ("float8_e4m3fn_rowwise",)
+
+
+def _reencoded(fmt: str, to: str) -> bool:
+    """Whether a layer of ``fmt`` is re-encoded to ``to`` (stock ComfyUI cannot load it as it is)."""
+    return (fmt in REENCODE or is_gguf(fmt)) and fmt != to
 
 
 @dataclass
@@ -49,8 +55,12 @@ class ConvertResult:
                "changed: " + changes(self.report)]
         if self.fp4_errors:
             errs = list(self.fp4_errors.values())
-            out.append(f"{' / '.join(self.sources) or 'FP4 group-32'} → {self.to}: {len(errs)} layers re-encoded; "
-                       f"relative error added mean {sum(errs) / len(errs):.2e}, max {max(errs):.2e}")
+            what = "FP4 group-32" if self.sources == ["fp4_g32"] else " / ".join(self.sources)
+            out.append(f"{what} → {self.to}: {len(errs)} layers re-encoded; relative error added "
+                       f"mean {sum(errs) / len(errs):.2e}, max {max(errs):.2e}")
+            worst = sorted(self.fp4_errors.items(), key=lambda kv: -kv[1])[:5]
+            out.append("largest added error per layer: " + ", ".join(f"{n} {e:.2e}" for n, e in worst)
+                       + (" (every layer: wanquant -v convert ...)" if len(errs) > 5 else ""))
             if self.to in WANQUANT_ONLY:
                 out.append(f"note: stock ComfyUI has no {self.to} layout; this file loads through wanquant's loader")
         extras = self.report.extras
@@ -71,6 +81,9 @@ def changes(rep: Report) -> str:
     legacy = sum(n for s, n in rep.spellings.items() if "scale" in s and "comfy_quant" not in s)
     if legacy:
         parts.append(f"{legacy} per-tensor scales written as fp32 weight_scale with a comfy_quant entry")
+    gg = sum(n for f, n in rep.formats.items() if is_gguf(f))
+    if gg:
+        parts.append(f"GGUF container rewritten as safetensors ({gg} block-quantized layers re-encoded)")
     if rep.dequantized:
         parts.append(f"{len(rep.dequantized)} layers ComfyUI cannot run quantized written dequantized")
     return "; ".join(parts) or "keys and scales were already native (only comfy_quant entries written where missing)"
@@ -81,14 +94,45 @@ def _fp4_to_target(name: str, entries: dict[str, Entry], to: str, errors: dict[s
     """Plan the replacement entries of one layer stock ComfyUI cannot load (FP4 group-32, per-row /
     block fp8, block int8); the work happens when the writer loads them."""
     w_e, s_e = entries[f"{name}.weight"], entries[f"{name}.weight_scale"]
-    n, k = (w_e.shape[0], w_e.shape[1] * 2) if src_fmt == "fp4_g32" else (w_e.shape[0], w_e.shape[1])
+
+    def dequant():
+        ref = get_format(src_fmt).dequantize({"weight": w_e.load(), "weight_scale": s_e.load()}, torch.float32,
+                                             src_conf)
+        if not bool(torch.isfinite(ref).all()):
+            raise WanquantError(f"{src_fmt} scales give NaN/Inf weights (corrupt or out-of-range scale)",
+                                layer=name, expected="finite group scales", found=f"{s_e.key}")
+        return ref
+
+    shape = (w_e.shape[0], w_e.shape[1] * 2) if src_fmt == "fp4_g32" else (w_e.shape[0], w_e.shape[1])
+    return _to_target(name, shape, dequant, to, errors)
+
+
+def _gguf_to_target(name: str, conf: dict, entries: dict[str, Entry], to: str, errors: dict[str, float]) -> list[Entry]:
+    """Plan one GGUF layer's re-encoding (dequantized exactly in fp32 first, as gguf-py decodes it)."""
+    w_e = entries[f"{name}.weight"]
+    fmt = get_format(conf["format"])
+
+    def dequant():
+        ref = fmt.dequantize({"weight": w_e.load()}, torch.float32, conf)
+        if not bool(torch.isfinite(ref).all()):
+            raise WanquantError("GGUF block scales give NaN/Inf weights (corrupt file)", layer=name,
+                                expected="finite fp16 block scales", found=conf["format"])
+        return ref
+
+    return _to_target(name, fmt.orig_shape({}, conf), dequant, to, errors)
+
+
+def _to_target(name: str, shape: tuple[int, int], dequant: Callable[[], torch.Tensor], to: str,
+               errors: dict[str, float]) -> list[Entry]:
+    """Replacement entries of one layer ComfyUI cannot load as it is: ``dequant()`` gives its exact
+    fp32 weight, re-encoded to ``to`` when the writer asks; the relative error added is recorded."""
+    n, k = shape
     cache: dict[str, torch.Tensor] = {}
     pending: set[str] = set()
 
     def produce() -> dict[str, torch.Tensor]:
         if not cache:
-            ref = get_format(src_fmt).dequantize({"weight": w_e.load(), "weight_scale": s_e.load()}, torch.float32,
-                                                 src_conf)
+            ref = dequant()
             if to == "bf16":
                 cache["weight"] = ref.to(torch.bfloat16)
                 got = cache["weight"].float()
@@ -98,9 +142,6 @@ def _fp4_to_target(name: str, entries: dict[str, Entry], to: str, errors: dict[s
                 cache.update(tensors)
                 cache["comfy_quant"] = comfy_quant_tensor(conf)
                 got = fmt.dequantize(tensors, torch.float32, conf)
-            if not bool(torch.isfinite(ref).all()):
-                raise WanquantError(f"{src_fmt} scales give NaN/Inf weights (corrupt or out-of-range scale)",
-                                    layer=name, expected="finite group scales", found=f"{s_e.key}")
             errors[name] = float(torch.linalg.vector_norm(got - ref, dtype=torch.float64)
                                  / torch.linalg.vector_norm(ref, dtype=torch.float64).clamp_min(1e-30))
             pending.update(cache)
@@ -149,14 +190,16 @@ def plan(model: CanonicalModel, to: str, errors: dict[str, float]) -> list[Entry
     """The list of output entries in order, FP4 layers replaced by their target encoding."""
     if to not in FP4_TARGETS:
         raise WanquantError("unknown --to target for FP4 group-32", expected=" / ".join(FP4_TARGETS), found=to)
-    fp4 = {n for n, l in model.layers.items() if l.format in REENCODE and l.format != to}
+    fp4 = {n for n, l in model.layers.items() if _reencoded(l.format, to)}
     out: list[Entry] = []
     done: set[str] = set()
     for key, e in model.entries.items():
         if e.layer in fp4:
             if e.layer not in done:
                 layer = model.layers[e.layer]
-                out.extend(_fp4_to_target(e.layer, model.entries, to, errors, layer.format, dict(layer.conf)))
+                out.extend(_gguf_to_target(e.layer, dict(layer.conf), model.entries, to, errors)
+                           if is_gguf(layer.format) else
+                           _fp4_to_target(e.layer, model.entries, to, errors, layer.format, dict(layer.conf)))
                 done.add(e.layer)
             if key.endswith((".weight", ".weight_scale", ".comfy_quant")) and key.rsplit(".", 1)[0] == e.layer:
                 continue
@@ -185,7 +228,7 @@ def _convert(model: CanonicalModel, src, dst, base, to: str, progress) -> Conver
                                                      "key_style": model.report.key_style,
                                                      "variant": model.report.variant})}
     result = ConvertResult(str(dst), model.report, 0, len(entries), errors)
-    result.sources = sorted({l.format for l in model.layers.values() if l.format in REENCODE and l.format != to})
+    result.sources = sorted({l.format for l in model.layers.values() if _reencoded(l.format, to)})
 
     def render():
         result.to = to if errors else None

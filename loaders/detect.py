@@ -176,6 +176,9 @@ def _classify(module: str, roles: dict[str, TensorRef], file: str, header_conf: 
         found = ", ".join(r.key for r in sides.values())
         raise WanquantError("quantization scale without a weight (orphan scale)", file=file, layer=module,
                             expected=f"{module}.weight next to it", found=found)
+    if weight.quant_conf is not None:  # the container knows the format from the tensor (GGUF)
+        from .gguf_detect import classify_gguf
+        return classify_gguf(module, weight, sides, others, file)
 
     conf = None
     if "comfy_quant" in sides:

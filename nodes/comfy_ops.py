@@ -39,10 +39,13 @@ from ..loaders.grid_detect import GRID_FORMATS
 from ..ops.formats import (FP8_FORMATS, FP8_ROWWISE_FORMATS, comfy_quant_tensor, get_format, parse_comfy_quant,
                            swap_nibbles)
 from ..ops.formats.fp4_g32 import check_canonical as check_fp4_canonical
+from ..ops.formats.gguf import BLOCKS, dequantize_bytes, is_gguf
 from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
 from ..ops.linear_grid import linear_fp8_rowwise, linear_int8, requantize_fp8_to_int8
 from ..ops.policy import DENSE, DEQUANT, FP8_MATMUL, INT8_MATMUL, KITCHEN_MATMUL, OpsPlan
 from ..ops.policy_grid import BLOCK_GRID_FORMATS
+
+from .gguf_layout import GGUF_LAYOUT, GGUFLayout
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +227,9 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 elif fmt in GRID_FORMATS:
                     self._wq_load_grid(state_dict, prefix, local_metadata, strict, missing_keys,
                                        unexpected_keys, error_msgs, conf, name)
+                elif is_gguf(fmt):
+                    self._wq_load_gguf(state_dict, prefix, local_metadata, strict, missing_keys,
+                                       unexpected_keys, error_msgs, conf, name)
                 else:
                     try:
                         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
@@ -318,6 +324,33 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                     if f"{prefix}{key}" in missing_keys:
                         missing_keys.remove(f"{prefix}{key}")
 
+            def _wq_load_gguf(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs, conf, name):
+                """Raw GGUF blocks into a GGUFLayout QuantizedTensor (the file's mapped bytes on CPU)."""
+                w = state_dict.pop(f"{prefix}weight", None)
+                state_dict.pop(f"{prefix}comfy_quant", None)
+                n, k = self.out_features, self.in_features
+                fmt = get_format(conf["format"])
+                shape = tuple(conf.get("orig_shape") or ())
+                want = n * k // fmt.group_size * BLOCKS[fmt.qtype][1]
+                if w is None or w.dtype != torch.uint8 or shape != (n, k) or w.numel() != want:
+                    raise WanquantError(f"{fmt.name} tensors do not match the layer", layer=name,
+                                        expected=f"uint8, {want} bytes, orig_shape [{n}, {k}]",
+                                        found=f"{None if w is None else f'{w.dtype}, {w.numel()} bytes'}, "
+                                              f"orig_shape {list(shape)}")
+                self.quant_format = fmt.name
+                self.layout_type = GGUF_LAYOUT
+                params = GGUFLayout.Params(scale=torch.ones((), device=self.factory_kwargs["device"]),
+                                           orig_dtype=self.factory_kwargs["dtype"], orig_shape=(n, k),
+                                           qtype=fmt.qtype)
+                self.weight = torch.nn.Parameter(QuantizedTensor(w.to(device=self.factory_kwargs["device"]),
+                                                                 GGUF_LAYOUT, params), requires_grad=False)
+                torch.nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                                                      missing_keys, unexpected_keys, error_msgs)
+                for key in ("weight", "comfy_quant"):
+                    if f"{prefix}{key}" in missing_keys:
+                        missing_keys.remove(f"{prefix}{key}")
+
             def state_dict(self, *args, destination=None, prefix="", **kwargs):
                 sd = super().state_dict(*args, destination=destination, prefix=prefix, **kwargs)
                 if getattr(self, "quant_format", None) == "fp4_g32":
@@ -325,6 +358,9 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 elif getattr(self, "layout_type", None) == GRID_LAYOUT:
                     p = self.weight._params
                     sd[f"{prefix}comfy_quant"] = comfy_quant_tensor(ScaleGridLayout._wq_conf(p.fmt, p.block))
+                elif is_gguf(getattr(self, "quant_format", None)):
+                    sd[f"{prefix}comfy_quant"] = comfy_quant_tensor(
+                        {"format": self.quant_format, "orig_shape": [self.out_features, self.in_features]})
                 return sd
 
             def _wq_record(self, path, why=""):
@@ -371,6 +407,11 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                             params = weight._params  # plain tensors and a bool: traceable by torch.compile
                             w = get_format("fp4_g32").decode(weight._qdata, params.scale, input.dtype,
                                                              hi_first=params.hi_first)
+                            return torch.nn.functional.linear(input, w, bias)
+                        if is_gguf(fmt):  # raw blocks decoded into the activations' dtype
+                            self._wq_record(DEQUANT, patched)
+                            params = weight._params
+                            w = dequantize_bytes(weight._qdata, params.qtype, params.orig_shape, input.dtype)
                             return torch.nn.functional.linear(input, w, bias)
                         tensors = plain_tensors(weight)
                         if fast and fmt == "int8_tensorwise":

@@ -57,7 +57,7 @@ def model_choices() -> list[str]:
                 if f.endswith(".index.json"):
                     names.add(rel.replace(os.sep, "/"))
                     index_dirs.add(os.path.relpath(dirpath, root))
-                elif not exts or os.path.splitext(f)[1].lower() in exts:
+                elif not exts or os.path.splitext(f)[1].lower() in exts or f.lower().endswith(".gguf"):
                     files_found.add(rel)
     for name in files_found:
         d = os.path.dirname(name) or "."

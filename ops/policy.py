@@ -301,6 +301,8 @@ def choose(fmt: str | None, device=None, option: str = "auto", *, conf: dict | N
             return Choice(KITCHEN_MATMUL, why, forced=True)
         return Choice(KITCHEN_MATMUL, why) if ok else Choice(DEQUANT, why)
 
+    if fmt.startswith("gguf_"):
+        return Choice(DEQUANT, "GGUF blocks have no tensor-core kernel; dequantized per forward (as city96's loader)")
     # fp4_g32: no tensor-core kernel for group-32 E2M1 with float scales; weight-only everywhere
     return Choice(DEQUANT, "fp4_g32 has no tensor-core kernel; weight-only dequant")
 

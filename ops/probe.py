@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from ..errors import WanquantError
 from .formats import FORMAT_NAMES, FP8_FORMATS, FP8_ROWWISE_FORMATS, INT8_FORMATS, get_format
+from .formats.gguf import example_tensors as gguf_example
+from .formats.gguf import is_gguf
 from .linear_grid import linear_fp8_rowwise, linear_int8
 from .policy_grid import BLOCK_GRID_FORMATS, INT8_MATMUL, int8_matmul_possible
 from .formats._common import kitchen
@@ -143,6 +145,8 @@ def advice(fmt: str, caps: DeviceCaps) -> str:
                 "int8 tensor cores need NVIDIA SM 7.5+; dequantized here (VRAM saved)")
     if fmt in KITCHEN_FORMATS:
         return _kitchen_advice(fmt, caps)
+    if is_gguf(fmt):
+        return _gguf_advice(caps)
     return _fp4_g32_advice(caps)
 
 
@@ -192,6 +196,13 @@ def _fp4_g32_advice(caps: DeviceCaps) -> str:
     if fp8_matmul_native(caps)[0]:
         return f"{base}; for speed convert once: wanquant convert SRC DST --to float8_e4m3fn"
     return base
+
+
+def _gguf_advice(caps: DeviceCaps) -> str:
+    base = "GGUF blocks have no tensor-core kernel, so they are dequantized per forward on every device"
+    if fp8_matmul_native(caps)[0]:
+        return f"{base}; for speed convert once: wanquant convert SRC DST --to float8_e4m3fn"
+    return f"{base}; wanquant convert SRC DST --to bf16 trades file size for no dequant cost"
 
 
 def _sm(v) -> str:
@@ -254,7 +265,9 @@ def micro_benchmark(dev: torch.device, caps: DeviceCaps, budget_s: float = 10.0,
                 if path == KITCHEN_MATMUL:
                     fn = kitchen_layout_linear(x, fmt, w)
                 else:
-                    if tensors is None:
+                    if tensors is None and is_gguf(fmt):  # read-only formats: random valid blocks
+                        tensors, conf = gguf_example(get_format(fmt).qtype, (n, k), device=dev)
+                    elif tensors is None:
                         # the largest common block that divides this shape (Wan rows / 16 on CPU: 864 = 32 x 27)
                         bs = next((b for b in (128, 64, 32, 16) if n % b == 0 and k % b == 0), 16)
                         tensors, conf = get_format(fmt).quantize(w, conf={"group_size": bs})

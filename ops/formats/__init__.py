@@ -17,6 +17,7 @@ from . import fp8_block as _fp8_block
 from . import fp8_rowwise as _fp8_rowwise
 from . import int8 as _int8
 from . import fp8 as _fp8
+from . import gguf as _gguf
 from . import mxfp8 as _mxfp8
 from . import nvfp4 as _nvfp4
 from ._common import from_blocked, kitchen, swap_nibbles, to_blocked
@@ -25,7 +26,7 @@ from .base import QuantFormat
 _REGISTRY: dict[str, QuantFormat] = {
     f.name: f for f in (_fp8.E4M3, _fp8.E5M2, _nvfp4.FORMAT, _mxfp8.FORMAT, _fp4_g32.FORMAT,
                         _fp8_rowwise.FORMAT, _fp8_block.BLOCKWISE, _fp8_block.BLOCK3D_FORMAT,
-                        _int8.TENSORWISE, _int8.BLOCKWISE)
+                        _int8.TENSORWISE, _int8.BLOCKWISE, *_gguf.FORMATS)
 }
 
 #: every quantized format name this pack understands

@@ -253,8 +253,10 @@ def test_comfy_quant_round_trip_and_errors():
 
 
 def test_registry_and_input_errors():
+    gguf = {f"gguf_{q}" for q in ("q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k")}
     assert set(FORMAT_NAMES) == {"float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "fp4_g32", "float8_e4m3fn_rowwise",
-                                 "float8_e4m3fn_blockwise", "float8_e4m3fn_block3d", "int8_tensorwise", "int8_blockwise"}
+                                 "float8_e4m3fn_blockwise", "float8_e4m3fn_block3d", "int8_tensorwise",
+                                 "int8_blockwise"} | gguf
     with pytest.raises(WanquantError) as e:
         get_format("int4")
     assert "int4" in str(e.value)

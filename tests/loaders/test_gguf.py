@@ -1,0 +1,218 @@
+"""GGUF Wan files: inspect, canonical form, convert and bad input, on files the producer's code
+(gguf-py's GGUFWriter + quantizers; recipe tests/data/gguf/make_gguf.py) wrote.
+
+References are gguf-py's own decode (``gguf.quants.dequantize`` of the bytes its reader maps),
+never our decoder; the type each layer should have comes from the recipe's assignment.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+gguf = pytest.importorskip("gguf")
+
+from wanquant.errors import WanquantError  # noqa: E402
+from wanquant.loaders.canonical import load_canonical  # noqa: E402
+from wanquant.loaders.convert import convert  # noqa: E402
+from wanquant.ops.formats import get_format  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "gguf"
+MIX = DATA / "wan_tiny_mix.gguf"
+_spec = importlib.util.spec_from_file_location("make_gguf", DATA / "make_gguf.py")
+recipe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(recipe)
+
+
+def reference(path) -> dict[str, np.ndarray]:
+    """name -> fp32 values in torch shape, decoded by gguf-py."""
+    r = gguf.GGUFReader(str(path))
+    out = {}
+    for t in r.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        f = r.get_field(f"comfy.gguf.orig_shape.{t.name}")
+        if f is not None:
+            shape = tuple(int(v) for v in f.contents())
+        out[t.name] = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+    return out
+
+
+def test_committed_file_is_small_and_what_the_recipe_says():
+    assert MIX.stat().st_size < 300_000
+    types = recipe.mix_types(recipe.tiny_wan())
+    with load_canonical(MIX) as m:
+        rep = m.report
+        assert rep.container == "gguf" and rep.family == "wan" and not rep.errors
+        for name, qtype in types.items():
+            layer = m.layers[name[: -len(".weight")]]
+            want = qtype.lower() if qtype in ("BF16",) else f"gguf_{qtype.lower()}"
+            assert layer.format == want, name
+        assert {f"gguf_{q.lower()}" for q in recipe.ALL_TYPES} <= set(rep.formats)
+
+
+def test_every_tensor_reaches_canonical_form_exactly():
+    ref = reference(MIX)
+    with load_canonical(MIX) as m:
+        seen = set()
+        for name, layer in m.layers.items():
+            key = f"{name}.weight"
+            if layer.quantized:
+                conf = json.loads(bytes(m.entries[f"{name}.comfy_quant"].load().tolist()))
+                got = get_format(layer.format).dequantize({"weight": m.entries[key].load()}, torch.float32, conf)
+            else:
+                got = m.entries[key].load().float()
+            assert np.array_equal(got.numpy(), ref[key]), key
+            seen.add(key)
+        for key, e in m.entries.items():
+            if key in ref and key not in seen:
+                assert np.array_equal(e.load().float().numpy(), ref[key]), key
+                seen.add(key)
+        assert seen == set(ref)
+
+
+def test_weights_stay_memory_mapped():
+    with load_canonical(MIX) as m:
+        a = m.entries["blocks.0.self_attn.q.weight"].load()
+        b = m.entries["blocks.0.self_attn.q.weight"].load()
+        assert a.dtype == torch.uint8 and a.data_ptr() == b.data_ptr()  # views of one mapping, no copies
+
+
+def test_reshaped_weight_and_5d_conv():
+    """city96's shape_fix (orig_shape metadata) and the F16 5-D patch embedding keep their shapes."""
+    r = gguf.GGUFReader(str(MIX))
+    reshaped = [f.name.split("orig_shape.", 1)[1] for f in r.fields.values() if "orig_shape" in f.name]
+    assert reshaped, "the recipe stores K-quant 64-wide weights reshaped"
+    with load_canonical(MIX) as m:
+        assert m.entries["patch_embedding.weight"].shape == (64, 16, 1, 2, 2)
+        for key in reshaped:
+            assert m.layers[key[: -len(".weight")]].conf["orig_shape"] == [64, 64] or key.startswith("blocks")
+
+
+@pytest.mark.parametrize("to", ["bf16", "float8_e4m3fn"])
+def test_convert_to_comfy_native(tmp_path, to):
+    ref = reference(MIX)
+    dst = tmp_path / "out.safetensors"
+    res = convert(MIX, dst, to=to)
+    sd = load_file(dst)
+    gg = {k[: -len(".weight")] for k, q in recipe.mix_types(recipe.tiny_wan()).items() if q != "BF16"}
+    assert set(res.fp4_errors) == gg
+    for layer in gg:
+        w = ref[f"{layer}.weight"].astype(np.float64)
+        if to == "bf16":
+            assert torch.equal(sd[f"{layer}.weight"], torch.from_numpy(ref[f"{layer}.weight"]).to(torch.bfloat16))
+            got = sd[f"{layer}.weight"].double().numpy()
+        else:
+            assert sd[f"{layer}.weight"].dtype == torch.float8_e4m3fn
+            got = (sd[f"{layer}.weight"].double() * sd[f"{layer}.weight_scale"].double()).numpy()
+        rel = np.linalg.norm(got - w) / np.linalg.norm(w)
+        assert abs(rel - res.fp4_errors[layer]) < 1e-4  # the reported error is the real one
+        assert rel < (4e-3 if to == "bf16" else 6e-2)
+    assert not any(k.endswith(".comfy_quant") and b"gguf" in bytes(v.tolist()) for k, v in sd.items())
+
+
+# ------------------------------------------------------------------------------ bad input
+
+def _small(tmp_path, name="m.gguf", **kw):
+    sd = recipe.tiny_wan(num_blocks=1)
+    path = tmp_path / name
+    recipe.write_wan_gguf(path, sd, {"blocks.0.self_attn.q.weight": "Q8_0", "blocks.0.ffn.0.weight": "Q4_K"}, **kw)
+    return path
+
+
+def _tensor_info(path, name):
+    r = gguf.GGUFReader(str(path))
+    t = next(t for t in r.tensors if t.name == name)
+    return t, r
+
+
+def _one_error(path):
+    with pytest.raises(WanquantError) as ei:
+        with load_canonical(path):
+            pass
+    return ei.value
+
+
+def test_architecture_not_wan(tmp_path):
+    err = _one_error(_small(tmp_path, arch="flux"))
+    assert "not a Wan model" in str(err) and err.file and "'flux'" in err.found
+
+
+def test_truncated_file_names_the_tensor(tmp_path):
+    path = _small(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 300])
+    err = _one_error(path)
+    assert "past the end of the file" in str(err) and err.layer and err.file == str(path)
+
+
+def test_unknown_quant_type_names_the_tensor(tmp_path):
+    path = _small(tmp_path)
+    t, r = _tensor_info(path, "blocks.0.self_attn.q.weight")
+    type_part = t.field.parts[4]  # [name_len, name, n_dims, dims, type, offset]
+    off = int(t.field.offset) + sum(int(p.nbytes) for p in t.field.parts[:4])
+    del r
+    raw = bytearray(path.read_bytes())
+    assert int.from_bytes(raw[off:off + 4], "little") == int(type_part[0])
+    raw[off:off + 4] = (16).to_bytes(4, "little")  # IQ2_XXS: gguf-py knows it, wanquant does not decode it
+    path.write_bytes(bytes(raw))
+    err = _one_error(path)
+    assert err.layer == "blocks.0.self_attn.q.weight" and "type id 16" in err.found
+    raw[off:off + 4] = (99).to_bytes(4, "little")  # no GGML type at all
+    path.write_bytes(bytes(raw))
+    assert _one_error(path).layer == "blocks.0.self_attn.q.weight"
+
+
+def test_header_lies_about_tensor_count(tmp_path):
+    path = _small(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[8:16] = (10_000).to_bytes(8, "little")  # n_tensors (GGUF v3 header: magic, version, n_tensors)
+    path.write_bytes(bytes(raw))
+    err = _one_error(path)
+    assert err.file == str(path) and ("header" in str(err) or "past the end" in str(err))
+
+
+def test_bad_magic(tmp_path):
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"NOPE" + bytes(100))
+    assert "GGUF" in str(_one_error(path))
+
+
+def test_orig_shape_that_does_not_fit(tmp_path):
+    import gguf as g
+
+    sd = recipe.tiny_wan(num_blocks=1)
+    path = tmp_path / "s.gguf"
+    w = g.GGUFWriter(str(path), arch="wan")
+    w.add_array("comfy.gguf.orig_shape.blocks.0.self_attn.q.weight", [64, 65])
+    for k, t in sd.items():
+        w.add_tensor(k, t.float().numpy())
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    err = _one_error(path)
+    assert err.layer == "blocks.0.self_attn.q.weight" and "[64, 65]" in err.found
+
+
+def test_cli_inspect_reports_one_line_instead_of_crashing(tmp_path):
+    path = _small(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-300])
+    p = subprocess.run([sys.executable, "-m", "wanquant.cli", "inspect", str(path)], capture_output=True, text=True)
+    assert p.returncode != 0 and "Traceback" not in p.stderr + p.stdout
+    assert "past the end of the file" in p.stderr + p.stdout
+    ok = subprocess.run([sys.executable, "-m", "wanquant.cli", "inspect", str(MIX)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "gguf_q4_k" in ok.stdout and "gguf_q2_k" in ok.stdout
+
+
+def test_failed_convert_leaves_destination_untouched(tmp_path):
+    path = _small(tmp_path)
+    path.write_bytes(path.read_bytes()[:-300])
+    dst = tmp_path / "out.safetensors"
+    dst.write_bytes(b"keep")
+    with pytest.raises(WanquantError):
+        convert(path, dst, to="bf16")
+    assert dst.read_bytes() == b"keep"
