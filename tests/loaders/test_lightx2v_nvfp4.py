@@ -3,11 +3,9 @@ ComfyUI's NVFP4 canonical form exactly, against an fp64 reference of LightX2V's 
 here from its code (f8aee98b): low-nibble-first E2M1, block scales at the kernel's swizzled offsets,
 weight = E2M1 * block_scale / weight_global_scale with 1 / weight_global_scale = alpha * input_global_scale."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from fixtures import syn
+from fixtures import LIGHTX2V_BLOCKS, ref_lightx2v_nvfp4, syn
 from safetensors.torch import load_file
 
 from wanquant.errors import WanquantError
@@ -15,26 +13,8 @@ from wanquant.loaders.canonical import load_canonical, load_with_base
 from wanquant.loaders.convert import convert
 from wanquant.ops.formats import get_format
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "lightx2v"
-BLOCKS = DATA / "lightx2v_nvfp4_blocks.safetensors"
-ABSMAX = DATA / "lightx2v_nvfp4_absmax.safetensors"
-E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
-
-
-def lightx2v_weight(packed, sf, inv_global: float) -> torch.Tensor:
-    """fp64 LightX2V dequant: even element in the low nibble; scale (r, k) at the offset of
-    cvt_quant_to_fp4_get_sf_out_offset."""
-    n, half = packed.shape
-    lo, hi = packed & 0xF, packed >> 4
-    codes = torch.stack([lo, hi], -1).reshape(n, half * 2).long()
-    vals = torch.where(codes >= 8, -E2M1[codes & 7], E2M1[codes & 7])
-    kb = half * 2 // 16
-    n_ktiles = sf.shape[1] // 4
-    r = torch.arange(n).unsqueeze(1)
-    k = torch.arange(kb).unsqueeze(0)
-    off = (r // 128) * n_ktiles * 512 + (k // 4) * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + k % 4
-    scales = sf.reshape(-1).float().double()[off]
-    return vals * scales.repeat_interleave(16, 1) * inv_global
+BLOCKS = LIGHTX2V_BLOCKS
+ABSMAX = BLOCKS.parent / "lightx2v_nvfp4_absmax.safetensors"
 
 
 def _canon(model, layer):
@@ -52,7 +32,7 @@ def test_published_spelling_dequantizes_to_lightx2v_formula():
         for layer in layers:
             t = _canon(m, layer)
             igs, alpha = src[f"{layer}.input_global_scale"].double(), src[f"{layer}.alpha"].double()
-            want = lightx2v_weight(src[f"{layer}.weight"], src[f"{layer}.weight_scale"], float(alpha * igs))
+            want = ref_lightx2v_nvfp4(src[f"{layer}.weight"], src[f"{layer}.weight_scale"], float(alpha * igs))
             got = get_format("nvfp4").dequantize(t, torch.float32)
             assert float(((got.double() - want).abs() / want.abs().clamp(min=1e-30)).max()) < 2e-7, layer
             # canonical storage: nibbles swapped (lossless), block scales byte-identical, scalars fp32
@@ -77,7 +57,7 @@ def test_absmax_and_weight_only_spellings():
         for layer in ("blocks.0.ffn.0", "blocks.0.ffn.2"):
             t = _canon(m, layer)
             wgs = src[f"{layer}.weight_global_scale"].double()
-            want = lightx2v_weight(src[f"{layer}.weight"], src[f"{layer}.weight_scale"], float(1.0 / wgs))
+            want = ref_lightx2v_nvfp4(src[f"{layer}.weight"], src[f"{layer}.weight_scale"], float(1.0 / wgs))
             got = get_format("nvfp4").dequantize(t, torch.float32)
             assert got.shape == want.shape
             assert float(((got.double() - want).abs() / want.abs().clamp(min=1e-30)).max()) < 2e-7, layer
