@@ -499,7 +499,10 @@ def _layer_entries(layer: Layer) -> list[Entry]:
             else:
                 out.append(Entry(f"{n}.input_scale", (), torch.float32, _scalar_fp32(inp), n))
     elif layer.format == "nvfp4":
-        out.append(Entry(f"{n}.weight", w.shape, torch.uint8, w.loader, n))
+        if layer.nibble_order == "low_first":  # LightX2V packs the even element low: swap (lossless)
+            out.append(Entry(f"{n}.weight", w.shape, torch.uint8, lambda w=w: swap_nibbles(w.load()), n))
+        else:
+            out.append(Entry(f"{n}.weight", w.shape, torch.uint8, w.loader, n))
         ws = layer.sides["weight_scale"]
         if layer.scale_layout == ROW_MAJOR:  # canonical is ComfyUI's blocked layout
             shape = (-(-w.shape[0] // 128) * 128, -(-w.shape[1] * 2 // 16 // 4) * 4)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import WanquantError
-from . import grid_detect, nibble_order
+from . import grid_detect, lightx2v, nibble_order
 from .header import load_json
 from .containers import TensorRef
 from .nvfp4_layout import BLOCKED, UNTAGGED_NVFP4, fitting_layouts
@@ -54,7 +54,7 @@ class Layer:
     sides: dict[str, TensorRef] = field(default_factory=dict)  # role → ref
     conf: dict = field(default_factory=dict)  # comfy_quant JSON for quantized layers
     others: dict[str, TensorRef] = field(default_factory=dict)  # bias etc. (suffix → ref)
-    nibble_order: str | None = None  # FP4 group-32 only: how the source packs nibbles
+    nibble_order: str | None = None  # FP4 group-32 / LightX2V NVFP4: how the source packs nibbles
     scale_layout: str | None = None  # NVFP4 only: "blocked" / "row_major"; None = to be decided
 
     @property
@@ -266,6 +266,8 @@ def _classify_uint8(module, weight, sides, others, file) -> Layer:
     if ws.dtype == torch.float8_e4m3fn and "weight_scale_2" in sides:
         conf = {"format": "nvfp4"}
         return _classify_comfy(module, weight, sides, others, conf, file, spelling=UNTAGGED_NVFP4)
+    if ws.dtype == torch.float8_e4m3fn:  # fp8 block scales, no weight_scale_2: LightX2V's spelling
+        return lightx2v.classify(module, weight, sides, others, file)
     if ws.dtype not in FLOAT_DTYPES:
         raise WanquantError("packed uint8 weight with a non-float scale", file=file, layer=module,
                             expected="float weight_scale (FP4 group-32) or fp8 block scales + weight_scale_2 (NVFP4)",

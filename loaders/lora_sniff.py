@@ -36,8 +36,13 @@ def key_role(key: str) -> str:
 
 
 def lora_key_example(keys) -> str | None:
-    """The first key only a LoRA has (up/down/alpha/mid/DoRA suffixes), or None for a model."""
+    """The first key only a LoRA has (up/down/alpha/mid/DoRA suffixes), or None for a model.
+
+    LightX2V NVFP4 models store a GEMM ``<layer>.alpha`` beside ``<layer>.input_global_scale``:
+    that alpha is a model's, not a LoRA's."""
+    keys = [k for k in keys if isinstance(k, str)]
+    nvfp4_alpha = {k[: -len(".input_global_scale")] + ".alpha" for k in keys if k.endswith(".input_global_scale")}
     for k in keys:
-        if isinstance(k, str) and key_role(k) in ("up", "down", "alpha", "mid", "dora_scale"):
+        if key_role(k) in ("up", "down", "alpha", "mid", "dora_scale") and k not in nvfp4_alpha:
             return k
     return None

@@ -7,6 +7,9 @@ COMFYUI.md, not from wanquant's own ops, so a test comparing the two can fail.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 
 from wanquant.loaders import synthetic as syn  # noqa: F401  (re-exported for tests)
@@ -55,6 +58,25 @@ def ref_nvfp4(w: torch.Tensor, block_scales: torch.Tensor, scale2, orig_shape) -
     bs = unblock(block_scales.view(torch.float8_e4m3fn), n_pad, k_pad // 16).to(torch.float64)
     vals = _e2m1(codes) * bs.repeat_interleave(16, dim=1) * float(scale2)
     return vals[: orig_shape[0], : orig_shape[1]]
+
+
+def ref_lightx2v_nvfp4(packed: torch.Tensor, sf: torch.Tensor, inv_global: float) -> torch.Tensor:
+    """LightX2V's NVFP4 weight in fp64, from its code (ModelTC/LightX2V f8aee98b,
+    nvfp4_quant_kernels_sm120.cu): the even element in the LOW nibble, block scale (r, k) at the
+    offset of ``cvt_quant_to_fp4_get_sf_out_offset``, times ``inv_global`` (1 / weight_global_scale,
+    i.e. alpha * input_global_scale)."""
+    n, half = packed.shape
+    vals = _e2m1(unpack_nibbles(packed, "low_first"))
+    kb = half * 2 // 16
+    n_ktiles = sf.shape[1] // 4
+    r = torch.arange(n).unsqueeze(1)
+    k = torch.arange(kb).unsqueeze(0)
+    off = (r // 128) * n_ktiles * 512 + (k // 4) * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + k % 4
+    scales = sf.reshape(-1).view(torch.float8_e4m3fn).to(torch.float64)[off]
+    return vals * scales.repeat_interleave(16, dim=1) * float(inv_global)
+
+
+LIGHTX2V_BLOCKS = Path(__file__).resolve().parent / "data" / "lightx2v" / "lightx2v_nvfp4_blocks.safetensors"
 
 
 def ref_mxfp8(w: torch.Tensor, block_scales: torch.Tensor, orig_shape) -> torch.Tensor:
@@ -144,11 +166,30 @@ def build_seed(kind: str, folder):
             if k.startswith("blocks.") and ".self_attn." in k and not k.endswith(".scale_weight"):
                 out[k] = ref_fp8(t, qf[k + ".scale_weight"]) if t.dtype == torch.float8_e4m3fn else t.double()
         return idx, base, out
+    if kind == "lightx2v_nvfp4_partial_over_base":  # producer-made blocks (tests/data/lightx2v) over a bf16 base
+        from safetensors.torch import load_file
+
+        path = folder / "wan_lightx2v_nvfp4_blocks.safetensors"
+        shutil.copyfile(LIGHTX2V_BLOCKS, path)
+        sd_base = tiny_wan(dim=128, ffn_dim=256, seed=3)
+        base = syn.save(sd_base, folder / "wan_tiny_dim128_bf16.safetensors")
+        out = {k: v.double() for k, v in sd_base.items()}
+        q = load_file(str(LIGHTX2V_BLOCKS))
+        quantized = {k[: -len(".alpha")] for k in q if k.endswith(".alpha")}
+        for k, t in q.items():
+            layer, param = k.rsplit(".", 1)
+            if layer in quantized and param == "weight":
+                inv = float(q[f"{layer}.alpha"].double() * q[f"{layer}.input_global_scale"].double())
+                out[k] = ref_lightx2v_nvfp4(t, q[f"{layer}.weight_scale"], inv)
+            elif layer not in quantized or param == "bias":
+                out[k] = t.double()  # the distill's own high-precision tensors win over the base
+        return path, base, out
     raise ValueError(kind)
 
 
 SEEDS = ["kijai_scaled_fp8_diffusers", "vista4d_sibling_sharded", "magihuman_fp8_scale",
-         "comfy_nvfp4_mxfp8_mix", "fp4_g32_diffusers", "vista4d_partial_over_base"]
+         "comfy_nvfp4_mxfp8_mix", "fp4_g32_diffusers", "vista4d_partial_over_base",
+         "lightx2v_nvfp4_partial_over_base"]
 # Relative error of the denoiser output vs the fp32 model built from the dequantized weights.
 # On CPU every path dequantizes and computes in fp32, so only summation order differs.
 TOLERANCE = {k: 1e-3 for k in SEEDS}
