@@ -117,3 +117,44 @@ def test_lightx2v_int8_per_channel_file():
             s = (w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / 127)  # in bf16, as the producer computes it
             want = torch.clamp(torch.round(w / s), -128, 127).to(torch.int8)
             assert torch.equal(f[f"{layer}.weight"], want) and torch.equal(f[f"{layer}.weight_scale"], s)
+
+
+def _e4m3_nearest_ties_away(x: torch.Tensor) -> torch.Tensor:
+    """fp64 model of qtorch's ``float_quantize(x, 4, 3, rounding="nearest")`` (quant_cpu.cpp: add half
+    an ulp to the magnitude's bits and truncate, i.e. ties away from zero; subnormal step 2**-9)."""
+    x = x.double()
+    a = x.abs()
+    e = torch.floor(torch.log2(a.clamp_min(2.0 ** -30))).clamp_min(-6)
+    step = torch.pow(2.0, e - 3)
+    return torch.sign(x) * torch.floor(a / step + 0.5) * step
+
+
+def test_lightx2v_fp8_per_channel_file():
+    """LightX2V's own fp8 quantizer output (QuantWeightFP8 with the real qtorch; RECIPE.md there):
+    fp8 + bf16 [out, 1] scales, no comfy_quant -> float8_e4m3fn_rowwise; canonical = fp64 q * s[row];
+    the payload is LightX2V's formula (bf16 ``amax / 448``, bf16 divide, clip, round to nearest with
+    ties away from zero) on the regenerated source."""
+    from safetensors.torch import load_file
+
+    path = Path(__file__).parent / "data" / "lightx2v" / "lightx2v_fp8.safetensors"
+    f = load_file(str(path))
+    src = source_weights()
+    assert cli_main(["inspect", str(path), "--json"]) == 0
+    with load_canonical(path) as m:
+        assert dict(m.report.formats) == {"float8_e4m3fn_rowwise": 2} and not m.report.errors
+        for layer, (n, k) in LAYERS.items():
+            conf = parse_comfy_quant(m.entries[f"{layer}.comfy_quant"].load())
+            t = {s: m.entries[f"{layer}.{s}"].load() for s in ("weight", "weight_scale")}
+            assert t["weight_scale"].dtype == torch.float32 and t["weight_scale"].shape == (n, 1)
+            got = get_format("float8_e4m3fn_rowwise").dequantize(t, torch.float32, conf).double()
+            ref = f[f"{layer}.weight"].double() * f[f"{layer}.weight_scale"].double().reshape(n, 1)
+            assert bool(((got - ref).abs() <= ref.abs() * 2.0 ** -24).all()), layer
+            w = src[layer]
+            s = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / 448.0  # in bf16, as the producer computes it
+            x = torch.clip(w / s, -448.0, 448.0).float()
+            want = _e4m3_nearest_ties_away(x)
+            assert torch.equal(f[f"{layer}.weight_scale"], s)
+            assert torch.equal(f[f"{layer}.weight"].double(), want), layer
+            # ties are common on bf16 inputs: torch's own cast (ties to even) would differ, so the
+            # rounding rule above is what is being checked
+            assert not torch.equal(x.to(torch.float8_e4m3fn).double(), want)
