@@ -1,7 +1,8 @@
 """Files made by convert_to_quant itself (tests/loaders/data/convert_to_quant, RECIPE.md there):
 inspect names each format, the canonical form equals an fp64 reference of the producer's reload
 formula, and the fp8 payload is the producer's quantization formula applied to the regenerated
-source weights (448 / amax per row or 64x64 tile, clamp, round to e4m3)."""
+source weights (448 / amax per tensor, row or 64x64 tile, clamp, round to e4m3; int8: 127 / amax per
+tensor or row, clamp to +-127, round half to even)."""
 
 import json
 from pathlib import Path
@@ -15,7 +16,9 @@ from wanquant.ops.formats import get_format, parse_comfy_quant
 
 DATA = Path(__file__).parent / "data" / "convert_to_quant"
 FILES = {"ctq_fp8_row": "float8_e4m3fn_rowwise", "ctq_fp8_block": "float8_e4m3fn_blockwise",
-         "ctq_int8_block": "int8_blockwise"}  # + ctq_hybrid_mxfp8 (read as mxfp8), tested below
+         "ctq_int8_block": "int8_blockwise", "ctq_fp8_tensor": "float8_e4m3fn",
+         "ctq_int8_tensor": "int8_tensorwise", "ctq_int8_row": "int8_tensorwise"}
+# + ctq_hybrid_mxfp8 (read as mxfp8), tested below
 LAYERS = {"blocks.0.self_attn.q": (128, 128), "blocks.0.ffn.0": (256, 128)}
 
 
@@ -53,7 +56,12 @@ def test_canonical_equals_fp64_reload_formula(name):
             q, s = src[f"{layer}.weight"].double(), src[f"{layer}.weight_scale"].double()
             i = torch.arange(n).unsqueeze(1).expand(n, k)
             j = torch.arange(k).unsqueeze(0).expand(n, k)
-            cell = s[i] if s.dim() == 1 else s[i // 64, j // 64]
+            if s.dim() == 0:  # per tensor
+                cell = s
+            elif s.shape == (n, 1) or s.dim() == 1:  # per row
+                cell = s.reshape(n)[i]
+            else:  # 64x64 tiles
+                cell = s[i // 64, j // 64]
             ref = q * cell
             assert bool(((got - ref).abs() <= ref.abs() * 2.0 ** -24).all()), (name, layer)
 
@@ -158,3 +166,31 @@ def test_lightx2v_fp8_per_channel_file():
             # ties are common on bf16 inputs: torch's own cast (ties to even) would differ, so the
             # rounding rule above is what is being checked
             assert not torch.equal(x.to(torch.float8_e4m3fn).double(), want)
+
+
+def test_tensor_and_row_payloads_are_the_producers_formula_on_the_source():
+    """``--scaling_mode tensor`` (fp8, int8) and ``--int8 --scaling_mode row``: the stored scales and
+    payloads are convert_to_quant's formulas (``_convert_fp8`` / ``TensorWiseINT8Layout.quantize``)
+    on the regenerated fp32 source, and the comfy_quant tags are its own."""
+    src = source_weights()
+    for name in ("ctq_fp8_tensor", "ctq_int8_tensor", "ctq_int8_row"):
+        f = raw(name)
+        for layer, (n, k) in LAYERS.items():
+            w = src[layer].float()
+            conf = json.loads(bytes(f[f"{layer}.comfy_quant"].tolist()))
+            if name == "ctq_fp8_tensor":
+                qs = 448.0 / w.abs().max().clamp_min(1e-12)
+                want = (w * qs).clamp(-448, 448).to(torch.float8_e4m3fn)
+                scale, tag = 1.0 / qs, {"format": "float8_e4m3fn"}
+            elif name == "ctq_int8_tensor":
+                scale = w.abs().max().clamp_min(1e-12) / 127.0
+                want = (w * (1.0 / scale)).clamp(-127, 127).round().to(torch.int8)
+                tag = {"format": "int8_tensorwise"}
+            else:
+                qs = 127.0 / w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+                want = (w * qs).clamp(-127, 127).round().to(torch.int8)
+                scale, tag = 1.0 / qs, {"format": "int8_tensorwise", "per_row": True}
+            got = f[f"{layer}.weight"]
+            assert conf == tag, (name, layer)
+            assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (name, layer)
+            assert torch.equal(f[f"{layer}.weight_scale"], scale), (name, layer)
