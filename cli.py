@@ -93,13 +93,15 @@ def _verbose_parent() -> argparse.ArgumentParser:
 
 
 def _convert_args(pc: argparse.ArgumentParser) -> None:
-    pc.add_argument("src", help="the checkpoint to convert: a .safetensors/.pth file, a *.index.json or a model folder")
+    pc.add_argument("src", help="the checkpoint to convert: a .safetensors/.pth/.gguf file, a *.index.json or a "
+                                "model folder")
     pc.add_argument("dst", help="output .safetensors (written to a temp file, renamed when complete); "
                                 "its folder must exist")
     pc.add_argument("--base", help="base model to overlay a partial finetune on (e.g. Vista4D on Wan2.1-T2V-14B)")
     pc.add_argument("--to", "--fp4-to", dest="to", choices=["bf16", "float8_e4m3fn", "nvfp4", "int8",
                                                             "float8_e4m3fn_rowwise"], default="float8_e4m3fn",
-                    help="target for layers stock ComfyUI cannot load: FP4 group-32, per-row / block fp8, block int8 "
+                    help="target for layers stock ComfyUI cannot load: FP4 group-32, GGUF quants, per-row / block "
+                         "fp8, block int8 "
                          "(default float8_e4m3fn; int8 = per-channel int8_tensorwise, ComfyUI 0.33's own layout, fast on "
                          "Ampere/Turing; float8_e4m3fn_rowwise loads through wanquant only; --fp4-to is the same option, "
                          "as merge-lora spells it)")
@@ -110,7 +112,9 @@ def _convert_args(pc: argparse.ArgumentParser) -> None:
     pc.set_defaults(func=cmd_convert)
 
 
-DESCRIPTION = ("Inspect, convert (remap) and LoRA-merge quantized Wan video DiT checkpoints. "
+DESCRIPTION = ("Inspect, convert (remap) and LoRA-merge quantized Wan video DiT checkpoints: .safetensors "
+               "(one file or a sharded *.index.json), .pth and GGUF (.gguf) files. convert --to targets: "
+               "bf16, float8_e4m3fn, nvfp4, int8, float8_e4m3fn_rowwise. "
                "Run with no command for a demo on a tiny built-in example.")
 
 
@@ -130,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pi = sub.add_parser("inspect", parents=verbose,
                         help="report container, key style, family and per-layer formats (no model load)")
-    pi.add_argument("path", help="a .safetensors/.pth file, a *.index.json or a model folder")
+    pi.add_argument("path", help="a .safetensors/.pth/.gguf file, a *.index.json or a model folder")
     pi.add_argument("--json", action="store_true", help="print one JSON object")
     pi.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto",
                     help="FP4 group-32 packing (auto: quantize_config.json, else decided from the weights; "

@@ -24,7 +24,7 @@ def register(subparsers, parents=()) -> None:
     p.add_argument("--strict", action="store_true", help="fail if any LoRA key does not match the model")
     p.add_argument("--to", "--fp4-to", dest="fp4_to", choices=["float8_e4m3fn", "nvfp4", "bf16"], default="float8_e4m3fn",
                    help="format for FP4 group-32 layers, which stock ComfyUI cannot load (default float8_e4m3fn; "
-                        "the same option as convert's --to)")
+                        "the same option as convert's --to, which also offers int8 and float8_e4m3fn_rowwise)")
     p.add_argument("--nibble-order", choices=["auto", "low_first", "high_first"], default="auto",
                    help="FP4 group-32 packing of MODEL (auto: quantize_config.json, else decided from the weights)")
     p.add_argument("--error-report", metavar="JSON",

@@ -82,3 +82,26 @@ def test_merge_lora_report_once_and_in_its_own_words(model, tmp_path, capsys):
     assert both.count("LoRA keys were not applied") == 1  # the report says it; no second log line
     assert "→ 1 patch " in cap.out and "1 patches" not in cap.out
     assert "nearest rounding" in cap.out and "stochastic" not in cap.out
+
+
+def test_help_names_gguf_inputs_and_every_convert_target(capsys):
+    """Issue 14: GGUF files are read and convert gained int8 / per-row fp8 targets; the help that a
+    user reads first says so (top level in prose, inspect/convert on their path arguments)."""
+    from wanquant.loaders.convert import FP4_TARGETS
+
+    targets = ("bf16", "float8_e4m3fn", "nvfp4", "int8", "float8_e4m3fn_rowwise")
+    assert set(FP4_TARGETS) == set(targets)  # the help below lists exactly what convert accepts
+    _help()
+    top = " ".join(capsys.readouterr().out.split())
+    assert ".gguf" in top and "GGUF" in top
+    prose = top.split("--to targets:")[1].split(".")[0]  # the sentence after "--to targets:"
+    assert [t.strip() for t in prose.split(",")] == list(targets)
+    for cmd, arg in (("inspect", "path"), ("convert", "src"), ("remap", "src")):
+        _help(cmd)
+        out = capsys.readouterr().out
+        line = " ".join(out.split(f"\n  {arg} ")[1].split("\n\n")[0].split())
+        assert ".gguf" in line, (cmd, line)
+        if cmd != "inspect":
+            assert "GGUF" in " ".join(out.split())
+            for t in targets:
+                assert f",{t}," in out.replace("{", ",").replace("}", ","), (cmd, t)
