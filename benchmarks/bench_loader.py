@@ -10,6 +10,9 @@ It prints the time ratio (target ≤ 1.3) and the peak RSS above the RSS after i
 ≤ 1 GB and independent of the file size), plus ``inspect`` time on a 14B-sized header (target
 < 2 s, built as a sparse file so it costs no disk). Every number is the median of ``--runs``
 (default 3) fresh processes per side, the two sides interleaved so machine noise hits both.
+A GGUF Q8_0 file and LightX2V NVFP4 / int8 files at Wan-14B layer shapes (``--gguf-gb``,
+``--lightx2v-gb``) are opened in canonical form with every page of every tensor read: load time
+and the private memory that adds, against the file size.
 
     python -m wanquant.benchmarks.bench_loader [--sizes-gb 1 4] [--runs 3] [--dir /tmp/wanquant-bench]
 """
@@ -160,17 +163,21 @@ def inspect_14b_header(folder: Path, runs: int = 3) -> float:
     return dt
 
 
-GGUF_CHILD = r"""
+LOAD_CHILD = r"""
 import json, sys, time
 def anon():
     for line in open('/proc/self/status'):
         if line.startswith('RssAnon:'):
             return int(line.split()[1]) * 1024
+def comfy_reader(path):  # comfy.utils.load_torch_file's .safetensors branch: the loader node's reader
+    from safetensors import safe_open
+    with safe_open(path, framework='pt') as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
 import torch
 from wanquant.loaders.canonical import load_canonical
 base = anon()
 t0 = time.perf_counter()
-with load_canonical(sys.argv[1]) as m:
+with load_canonical(sys.argv[1], tensor_reader=comfy_reader if sys.argv[2] == 'comfy' else None) as m:
     held = [e.load() for e in m.entries.values()]
     touched = sum(int(t.reshape(-1).view(torch.uint8)[::4096].sum()) for t in held)  # every page read
     dt = time.perf_counter() - t0
@@ -208,22 +215,86 @@ def build_gguf(path: Path, size_gb: float) -> Path:
     return path
 
 
-def gguf_load(root: Path, size_gb: float, runs: int) -> None:
-    """Open a GGUF Wan file in canonical form and read every page of every tensor: time and the
-    private (anonymous) memory that adds. The weights stay memory-mapped, so it should stay near 0
-    whatever the file size (the page cache holds the file, reclaimable)."""
-    path = build_gguf(root / f"wan_q8_0_{size_gb:g}GB.gguf", size_gb)
+def build_lightx2v(path: Path, size_gb: float, kind: str, linears=BLOCK_LINEARS) -> Path:
+    """Wan-14B-shaped blocks as LightX2V's converter writes them (random valid payloads, no
+    comfy_quant), written tensor by tensor until ``size_gb``. ``nvfp4``: uint8 ``[N, K/2]`` (even
+    element in the low nibble), fp8 block ``weight_scale`` ``[N, K/16]`` (the kernel's swizzled layout;
+    Wan-14B shapes need no padding), ``input_global_scale`` + ``alpha`` (the published spelling).
+    ``int8``: int8 ``[N, K]`` + bf16 ``weight_scale`` ``[N, 1]``. ``linears``: (name, N, K) per block."""
+    import torch
+
+    from wanquant.loaders.writer import write_safetensors
+
+    if path.exists():
+        return path
+    items, total, b = [], 0, 0
+    while total < size_gb * 2**30:
+        for name, n, k in linears:
+            key = f"blocks.{b}.{name}"
+            if kind == "nvfp4":
+                items.append((f"{key}.weight", (n, k // 2), torch.uint8,
+                              lambda n=n, k=k: torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)))
+                items.append((f"{key}.weight_scale", (n, k // 16), torch.float8_e4m3fn,  # finite positive codes
+                              lambda n=n, k=k: torch.randint(0x30, 0x48, (n, k // 16), dtype=torch.uint8).view(torch.float8_e4m3fn)))
+                items.append((f"{key}.input_global_scale", (), torch.float32, lambda: torch.tensor(900.0)))
+                items.append((f"{key}.alpha", (), torch.float32, lambda: torch.tensor(2.0e-6)))
+                total += n * k // 2 + n * k // 16
+            else:
+                items.append((f"{key}.weight", (n, k), torch.int8,
+                              lambda n=n, k=k: torch.randint(-128, 128, (n, k), dtype=torch.int8)))
+                items.append((f"{key}.weight_scale", (n, 1), torch.bfloat16,
+                              lambda n=n: torch.full((n, 1), 1e-3, dtype=torch.bfloat16)))
+                total += n * k
+            items.append((f"{key}.bias", (n,), torch.bfloat16, lambda n=n: torch.zeros(n, dtype=torch.bfloat16)))
+        b += 1
+    write_safetensors(path, items)
+    return path
+
+
+READERS = {"positioned": "wanquant's positioned reads (inspect/convert)",
+           "comfy": "ComfyUI's mmap reader (the loader node)"}
+
+
+def _load_every_page(path: Path, label: str, runs: int, why: str, reader: str = "positioned") -> None:
+    """Open ``path`` in canonical form in fresh processes, read every page of every tensor, hold
+    them all (as a loaded model would): median time and private (anonymous) memory added.
+    ``reader``: a key of :data:`READERS` (safetensors only; GGUF is always memory-mapped)."""
     res = []
     for _ in range(runs):
-        out = subprocess.run([sys.executable, "-c", GGUF_CHILD, str(path)], check=True, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(path), reader], check=True,
+                             capture_output=True, text=True)
         res.append(json.loads(out.stdout.strip().splitlines()[-1]))
     secs = statistics.median(r["seconds"] for r in res)
     anon = statistics.median(r["anon_delta"] for r in res)
     size = path.stat().st_size
-    print(f"GGUF Q8_0 {size / 2**30:.2f} GiB: canonical load + every page read {secs:.2f} s "
+    print(f"{label} {size / 2**30:.2f} GiB: canonical load + every page read {secs:.2f} s "
           f"({size / 2**30 / secs:.2f} GiB/s); private memory added {anon / 2**20:.1f} MiB "
-          f"({anon / size * 100:.2f}% of the file)")
+          f"({anon / size * 100:.2f}% of the file; {why})")
+
+
+def gguf_load(root: Path, size_gb: float, runs: int) -> None:
+    """GGUF Q8_0: the weights stay memory-mapped, so private memory should stay near 0 whatever the
+    file size (the page cache holds the file, reclaimable)."""
+    path = build_gguf(root / f"wan_q8_0_{size_gb:g}GB.gguf", size_gb)
+    _load_every_page(path, "GGUF Q8_0", runs, "weights stay memory-mapped")
     _drop(path)
+
+
+def lightx2v_load(root: Path, size_gb: float, runs: int) -> None:
+    """LightX2V NVFP4 and int8, through both readers. wanquant's own positioned reads put every
+    tensor in a fresh buffer (private memory = what is held); ComfyUI's reader keeps tensors
+    file-backed, except what the canonical form rebuilds: NVFP4 weights get their nibbles swapped
+    into ComfyUI's order (a new tensor per weight: about the weights' size, the bytes ComfyUI's
+    kernels then read), int8's bf16 ``[N, 1]`` scales become fp32 copies (tiny)."""
+    why = {"nvfp4": {"positioned": "every tensor read into a buffer, weights nibble-swapped",
+                     "comfy": "weights nibble-swapped into new tensors"},
+           "int8": {"positioned": "every tensor read into a buffer",
+                    "comfy": "weights stay memory-mapped; fp32 copies of the scales"}}
+    for kind in ("nvfp4", "int8"):
+        path = build_lightx2v(root / f"wan_lightx2v_{kind}_{size_gb:g}GB.safetensors", size_gb, kind)
+        for reader in READERS:
+            _load_every_page(path, f"LightX2V {kind}, {READERS[reader]},", runs, why[kind][reader], reader)
+        _drop(path)
 
 
 def main(argv=None) -> int:
@@ -232,12 +303,16 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="fresh processes per side (median reported; >= 3)")
     ap.add_argument("--dir", default="/tmp/wanquant-bench")
     ap.add_argument("--gguf-gb", type=float, default=1.0, help="size of the GGUF load test file (0: skip)")
+    ap.add_argument("--lightx2v-gb", type=float, default=1.0,
+                    help="size of each LightX2V (NVFP4, int8) load test file (0: skip)")
     args = ap.parse_args(argv)
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     inspect_14b_header(root, args.runs)
     if args.gguf_gb:
         gguf_load(root, args.gguf_gb, args.runs)
+    if args.lightx2v_gb:
+        lightx2v_load(root, args.lightx2v_gb, args.runs)
     print(f"{'size':>8} {'plain s':>9} {'convert s':>10} {'ratio':>6} {'plain ΔRSS':>11} {'convert ΔRSS':>13}")
     for size in args.sizes_gb:
         src_dir = root / f"src_{size:g}GB"
