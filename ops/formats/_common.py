@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import threading
 
 import torch
 
@@ -84,11 +85,33 @@ def e2m1_lut(device, dtype) -> torch.Tensor:
     return lut
 
 
+_SWAP_CHUNK = 1 << 20
+_swap_scratch = threading.local()  # one reused 1 MiB buffer per thread
+
+
 def swap_nibbles(u8: torch.Tensor) -> torch.Tensor:
     """Exchange the two 4-bit halves of every byte (low-first <-> high-first packing)."""
     if u8.dtype != torch.uint8:
         raise WanquantError("nibble-packed data must be uint8", expected="uint8", found=str(u8.dtype))
-    return (u8 << 4) | (u8 >> 4)
+    if u8.numel() <= _SWAP_CHUNK or u8.device.type != "cpu" or torch.compiler.is_compiling():
+        return (u8 << 4) | (u8 >> 4)
+    # Loading a LightX2V NVFP4 model swaps every weight. The one-line expression allocates two
+    # weight-sized temporaries per weight; glibc keeps such freed blocks between the held outputs
+    # (its mmap threshold grows with each free), so a load held ~1.4x the weights privately instead
+    # of 1x. Here the only temporary is one reused buffer: private memory = the outputs.
+    src = u8.contiguous().view(-1)
+    out = torch.empty(u8.shape, dtype=torch.uint8)
+    dst = out.view(-1)
+    torch.bitwise_left_shift(src, 4, out=dst)
+    buf = getattr(_swap_scratch, "buf", None)
+    if buf is None:
+        buf = _swap_scratch.buf = torch.empty(_SWAP_CHUNK, dtype=torch.uint8)
+    for i in range(0, src.numel(), _SWAP_CHUNK):
+        part = src[i:i + _SWAP_CHUNK]
+        tmp = buf[:part.numel()]
+        torch.bitwise_right_shift(part, 4, out=tmp)
+        dst[i:i + _SWAP_CHUNK] |= tmp
+    return out
 
 
 def unpack_codes(u8: torch.Tensor, hi_first: bool = True) -> torch.Tensor:

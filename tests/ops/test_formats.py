@@ -320,3 +320,18 @@ def test_16bit_dequant_matches_fp64_reference(fmt, out):
     # and it is the fp32 dequant rounded to out, to within the stated extra unit
     f32 = get_format(fmt).dequantize(t, out_dtype=torch.float32, conf=conf)
     assert bool(((got.double() - f32.double()).abs() <= rel * f32.abs().double() + 2.0 ** -24).all())
+
+
+@pytest.mark.parametrize("view", ["contiguous", "column_slice", "transposed"])
+def test_swap_nibbles_on_weight_sized_tensors_matches_the_bytewise_definition(view):
+    """Above 1 MiB the swap runs in chunks through a reused buffer (a LightX2V NVFP4 load swaps every
+    weight); each byte must still be (low << 4) | high, whatever the layout and a ragged last chunk."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randint(0, 256, (1031, 2053), dtype=torch.uint8, generator=g)
+    t = {"contiguous": base, "column_slice": base[:, 3:2000], "transposed": base.t()}[view]
+    assert t.numel() > 2**20
+    expected = torch.tensor([((b & 0x0F) << 4) | (b >> 4) for b in range(256)], dtype=torch.uint8)[t.long()]
+    got = swap_nibbles(t)
+    assert got.shape == t.shape and got.dtype == torch.uint8
+    assert torch.equal(got, expected)
+    assert torch.equal(swap_nibbles(got), t)
