@@ -322,7 +322,11 @@ def canonical_from_source(src: Source, *, nibble_order: str | None = None, nvfp4
         report.warnings.append(f"{len(unrecognised)} keys have no native Wan name and are kept as they are "
                                f"(first: {unrecognised[0]})")
     report.total_bytes = sum(e.nbytes for e in entries.values())
-    return CanonicalModel(entries, det.layers, report, src)
+    # ComfyUI's own loader hands the file's metadata to model_detection, whose "config" entry
+    # overrides the shape-detected model (the only way Wan-Animate-2 is told from I2V-14B):
+    # pass that entry on, nothing else (quantization metadata is already resolved here).
+    config = {"config": src.metadata["config"]} if "config" in (src.metadata or {}) else {}
+    return CanonicalModel(entries, det.layers, report, src, metadata=config)
 
 
 def _add_animate_buffers(entries: dict[str, Entry], report: Report) -> None:
@@ -589,5 +593,5 @@ def overlay(finetune: CanonicalModel, base: CanonicalModel) -> CanonicalModel:
     fam = recognise(_family_shapes(entries, layers), metadata)
     _fill_family(report, fam)
     report.total_bytes = sum(e.nbytes for e in entries.values())
-    return CanonicalModel(entries, layers, report, finetune.source,
+    return CanonicalModel(entries, layers, report, finetune.source, metadata=dict(finetune.metadata),
                           base_sources=[*finetune.base_sources, base.source, *base.base_sources])

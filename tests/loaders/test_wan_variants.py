@@ -199,3 +199,23 @@ def test_gguf_committed_mix_file_keeps_its_variant():
     mix = Path(__file__).resolve().parents[1] / "data" / "gguf" / "wan_tiny_mix.gguf"
     with load_canonical(str(mix)) as m:
         assert m.report.variant == "Wan2.1-T2V (dim 64)"
+
+
+def test_config_metadata_reaches_comfyui_and_survives_convert(tmp_path, capsys):
+    """Only the "config" entry is handed on (ComfyUI's model override), and a converted file keeps it."""
+    from safetensors import safe_open
+
+    from wanquant.loaders.convert import convert
+
+    cfg = json.dumps({"transformer": {"model_type": "animate2"}})
+    p = _file(tmp_path, "anim2", in_dim=36, i2v=True, metadata={"config": cfg, "other": "dropped"})
+    with load_canonical(str(p)) as m:
+        assert m.metadata == {"config": cfg}
+    with load_canonical(str(_file(tmp_path, "plain", in_dim=36, i2v=True, metadata={"other": "x"}))) as m:
+        assert m.metadata == {}
+    dst = tmp_path / "out.safetensors"
+    convert(p, dst, to="float8_e4m3fn")
+    with safe_open(str(dst), "pt") as f:
+        assert f.metadata()["config"] == cfg
+    assert cli_main(["inspect", str(dst), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["variant"].startswith("Wan-Animate-2")
