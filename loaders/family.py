@@ -1,6 +1,7 @@
 """Model family and variant recognition on native keys, and what a full model still lacks.
 
 Works on shapes only (no data is read), so it is cheap enough for ``inspect`` on a 14B header.
+Which Wan variant (and what it needs to run) is decided in :mod:`.wan_variants`, by ComfyUI's rules.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def _by_channels(shapes, dim, in_dim, out_dim, size) -> Variant:
     if out_dim == 48:
         name = "Wan2.2-TI2V-5B" if dim == 3072 else f"Wan2.2-TI2V{size}"
         if in_dim not in (None, 48):
-            name += f" family (in_dim {in_dim}: a Wan2.2-Fun 5B variant)"
+            name += f" family (in_dim {in_dim}, not TI2V's 48)"
         return Variant(name, "t2v", "the Wan2.2 VAE (48 latent channels, wan2.2_vae); an optional start image "
                                     "through Wan22ImageToVideoLatent")
     if in_dim == 52:

@@ -219,3 +219,8 @@ def test_config_metadata_reaches_comfyui_and_survives_convert(tmp_path, capsys):
         assert f.metadata()["config"] == cfg
     assert cli_main(["inspect", str(dst), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["variant"].startswith("Wan-Animate-2")
+
+
+def test_out_dim_48_with_other_input_channels_is_not_called_plain_ti2v():
+    fam = recognise(real(3072, in_dim=100, out_dim=48))
+    assert fam.variant == "Wan2.2-TI2V-5B family (in_dim 100, not TI2V's 48)" and fam.comfy_type == "t2v"
