@@ -89,7 +89,7 @@ def classify(shapes, dim, in_dim, out_dim, size: str, metadata: dict | None = No
                     "no pose extraction")
     elif declared and declared != v.comfy_type:
         v.notes.append(f"the file's config metadata sets model_type '{declared}' (ComfyUI applies it over the shapes)")
-    elif v.comfy_type == "i2v" and a14b and not declared:
+    elif v.comfy_type == "i2v" and a14b and in_dim == 36 and "img_emb.emb_pos" not in shapes:
         v.notes.append("Wan-Animate-2 has these exact shapes; ComfyUI 0.33 runs a file as Animate-2 only when its "
                        "config metadata says model_type 'animate2'")
     if v.comfy_type in NOT_IN_029:

@@ -93,6 +93,8 @@ def test_animate2_has_i2v_shapes_and_is_told_only_by_config_metadata():
     assert a2.variant.startswith("Wan-Animate-2-14B") and a2.comfy_type == "animate2"
     assert "WanAnimate2ToVideo" in a2.needs
     assert any("ComfyUI 0.29 has no Wan-Animate-2" in n for n in a2.notes)
+    for other in (real(5120, in_dim=48, i2v=True), real(5120, in_dim=36, i2v=True, flf=True), real(5120, in_dim=36)):
+        assert not any("animate2" in n for n in recognise(other).notes)
 
 
 @pytest.mark.parametrize("metadata", [{"config": "not json"}, {"config": json.dumps([1, 2])}, {"other": "x"}, None])
