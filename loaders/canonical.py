@@ -316,13 +316,17 @@ def canonical_from_source(src: Source, *, nibble_order: str | None = None, nvfp4
     entries = _entries(det, report)
     if style == "diffusers":
         _add_animate_buffers(entries, report)
-    fam = recognise({k: e.shape for k, e in entries.items()})
+    fam = recognise(_family_shapes(entries, det.layers), src.metadata)
     _fill_family(report, fam)
     if unrecognised:
         report.warnings.append(f"{len(unrecognised)} keys have no native Wan name and are kept as they are "
                                f"(first: {unrecognised[0]})")
     report.total_bytes = sum(e.nbytes for e in entries.values())
-    return CanonicalModel(entries, det.layers, report, src)
+    # ComfyUI's own loader hands the file's metadata to model_detection, whose "config" entry
+    # overrides the shape-detected model (the only way Wan-Animate-2 is told from I2V-14B):
+    # pass that entry on, nothing else (quantization metadata is already resolved here).
+    config = {"config": src.metadata["config"]} if "config" in (src.metadata or {}) else {}
+    return CanonicalModel(entries, det.layers, report, src, metadata=config)
 
 
 def _add_animate_buffers(entries: dict[str, Entry], report: Report) -> None:
@@ -453,6 +457,19 @@ def _fill_family(report: Report, fam: Family) -> None:
     report.family, report.variant = fam.family, fam.variant
     report.extras, report.missing, report.needs_base = fam.extras, fam.missing, fam.needs_base
     report.notes.extend(fam.notes)
+    if fam.needs:
+        report.notes.append(f"to run: {fam.needs}")
+
+
+def _family_shapes(entries: dict[str, Entry], layers: dict[str, Layer]) -> dict[str, tuple[int, ...]]:
+    """Shapes as the model sees them, for family recognition: a GGUF weight's entry holds its raw
+    block bytes (rows may even be city96's [n/256, 256] reshape), its conf the real shape."""
+    shapes = {k: tuple(e.shape) for k, e in entries.items()}
+    for name, layer in layers.items():
+        orig = layer.conf.get("orig_shape")
+        if orig and f"{name}.weight" in shapes:
+            shapes[f"{name}.weight"] = tuple(int(d) for d in orig)
+    return shapes
 
 
 def _entries(det: Detection, report: Report) -> dict[str, Entry]:
@@ -568,10 +585,13 @@ def overlay(finetune: CanonicalModel, base: CanonicalModel) -> CanonicalModel:
     report.remapped = fr.remapped + base.report.remapped
     report.base = base.report
     n_over = len([k for k in finetune.entries if k in base.entries])
-    report.notes = [n for n in fr.notes if "block weights missing" not in n] + [f"overlaid on base {base.report.path}: {n_over} base tensors replaced, "
+    metadata = finetune.source.metadata if finetune.source else None
+    own = recognise(_family_shapes(finetune.entries, finetune.layers), metadata)  # its family notes: redone below
+    own_notes = set(own.notes) | {f"to run: {own.needs}"}
+    report.notes = [n for n in fr.notes if n not in own_notes] + [f"overlaid on base {base.report.path}: {n_over} base tensors replaced, "
                                      f"{len(replaced_layers)} finetune layers"]
-    fam = recognise({k: e.shape for k, e in entries.items()})
+    fam = recognise(_family_shapes(entries, layers), metadata)
     _fill_family(report, fam)
     report.total_bytes = sum(e.nbytes for e in entries.values())
-    return CanonicalModel(entries, layers, report, finetune.source,
+    return CanonicalModel(entries, layers, report, finetune.source, metadata=dict(finetune.metadata),
                           base_sources=[*finetune.base_sources, base.source, *base.base_sources])

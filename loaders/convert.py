@@ -224,7 +224,7 @@ def _convert(model: CanonicalModel, src, dst, base, to: str, progress) -> Conver
         raise WanquantError(model.report.errors[0], file=str(src))
     errors: dict[str, float] = {}
     entries = plan(model, to, errors)
-    meta = {"format": "pt", "wanquant": json.dumps({"source": str(src), "base": str(base) if base else None,
+    meta = {"format": "pt", **model.metadata, "wanquant": json.dumps({"source": str(src), "base": str(base) if base else None,
                                                      "key_style": model.report.key_style,
                                                      "variant": model.report.variant})}
     result = ConvertResult(str(dst), model.report, 0, len(entries), errors)

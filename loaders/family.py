@@ -1,12 +1,15 @@
 """Model family and variant recognition on native keys, and what a full model still lacks.
 
 Works on shapes only (no data is read), so it is cheap enough for ``inspect`` on a 14B header.
+Which Wan variant (and what it needs to run) is decided in :mod:`.wan_variants`, by ComfyUI's rules.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+
+from .wan_variants import classify
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 SIZES = {1536: "1.3B", 3072: "5B", 5120: "14B"}
@@ -29,6 +32,8 @@ class Family:
     missing: list[str] = field(default_factory=list)
     needs_base: str | None = None
     notes: list[str] = field(default_factory=list)
+    needs: str = ""  # one plain-English line: the nodes / side models it takes to run (wan_variants)
+    comfy_type: str = ""  # the model_type ComfyUI's model_detection gives it
 
 
 def _has(shapes, prefix: str) -> bool:
@@ -42,8 +47,9 @@ def _axis(shapes, key: str, axis: int):
     return shape[axis] if -len(shape) <= axis < len(shape) else None
 
 
-def recognise(shapes: dict[str, tuple[int, ...]]) -> Family:
-    """``shapes``: canonical key → shape."""
+def recognise(shapes: dict[str, tuple[int, ...]], metadata: dict | None = None) -> Family:
+    """``shapes``: canonical key → logical shape (a GGUF weight's real shape, not its block bytes);
+    ``metadata``: the file's header metadata (only a ComfyUI ``config`` entry is read)."""
     blocks = sorted({int(m.group(1)) for k in shapes if (m := _BLOCK.match(k))})
     wanish = _has(shapes, "head.modulation") or any(".self_attn." in k or ".cross_attn." in k for k in shapes)
     if not wanish:
@@ -57,22 +63,13 @@ def recognise(shapes: dict[str, tuple[int, ...]]) -> Family:
 
     fam = Family("wan", "", dim, len(blocks))
     _extras(shapes, fam)
-    if _has(shapes, "face_adapter") or _has(shapes, "motion_encoder") or _has(shapes, "pose_patch_embedding"):
-        variant = f"Wan2.2-Animate{size}"
-    elif _has(shapes, "vace_patch_embedding"):
-        variant = f"Wan2.1-VACE{size}"
-    elif _has(shapes, "img_emb.proj.0"):
-        variant = f"Wan2.1-I2V{size}" + (" (FLF2V)" if "img_emb.emb_pos" in shapes else "")
-    elif out_dim == 48:
-        variant = "Wan2.2-TI2V-5B"
-    elif in_dim == 36:
-        variant = "Wan2.2-I2V-A14B expert (no CLIP image embedding)" if dim == 5120 else f"Wan2.2-I2V{size} (no CLIP image embedding)"
-    elif in_dim is None and dim == 5120:
-        variant = "Wan2.1-T2V-14B family (patch embedding absent)"
-    else:
-        variant = f"Wan2.1-T2V{size} (or a Wan2.2-A14B T2V expert)" if dim == 5120 else f"Wan2.1-T2V{size}"
+    v = classify(shapes, dim, in_dim, out_dim, size, metadata)
+    variant, fam.needs, fam.comfy_type = v.name, v.needs, v.comfy_type
     if "vista4d" in fam.extras:
         variant = "Vista4D finetune of Wan2.1-T2V-14B"
+        fam.needs = "its Wan2.1-T2V-14B base underneath and the Vista4D nodes (WanQuantVista4DCamera, WanQuantVista4DRender)"
+    else:
+        fam.notes.extend(v.notes)
     if "worldstereo_controlnet" in fam.extras:
         variant += " + WorldStereo ControlNet branch"
     fam.variant = variant
