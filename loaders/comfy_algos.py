@@ -107,15 +107,18 @@ def needs_text(key: str) -> str:
 
 
 def unknown_error(conf: dict, *, file: str | None = None, layer: str | None = None,
-                  running: str | None = None) -> WanquantError:
-    """The error for an algorithm the ComfyUI at hand (``running``; None = no ComfyUI) cannot load."""
+                  in_comfyui: bool = False) -> WanquantError:
+    """The one error for an algorithm that cannot run here: outside ComfyUI one no release has; in
+    ComfyUI (``in_comfyui``) one the running ComfyUI's ``QUANT_ALGOS`` lacks."""
     key = algo_key(conf)
-    where = f"ComfyUI {running} does not load it" if running else "no ComfyUI release we know loads it"
     a = ALGOS.get(key)
-    if a is not None and a.since:
-        where = f"ComfyUI {running} is older" if running else "it runs only in ComfyUI's own layout"
-    return WanquantError(f"comfy_quant algorithm '{key}' {needs_text(key)} ({where}; wanquant has no exact "
-                         "decoder for it)", file=file, layer=layer,
+    if in_comfyui:
+        where = "the running ComfyUI does not load it: update ComfyUI" if a is not None and a.since else \
+            "the running ComfyUI does not load it"
+    else:
+        where = "no ComfyUI release we know loads it"
+    return WanquantError(f"comfy_quant algorithm '{key}' {a.needs if a is not None else needs_text(key)} ({where}; "
+                         "wanquant has no exact decoder for it)", file=file, layer=layer,
                          expected=f"ComfyUI >= {a.since}" if a is not None and a.since else "a known comfy_quant format",
                          found=json.dumps(conf)[:200])
 

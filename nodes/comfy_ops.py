@@ -42,7 +42,10 @@ from ..ops.formats.fp4_g32 import check_canonical as check_fp4_canonical
 from ..ops.formats.gguf import BLOCKS, dequantize_bytes, is_gguf
 from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
 from ..ops.linear_grid import linear_fp8_rowwise, linear_int8, requantize_fp8_to_int8
-from ..ops.policy import DENSE, DEQUANT, FP8_MATMUL, INT8_MATMUL, KITCHEN_MATMUL, OpsPlan
+from ..ops.policy import COMFY_LAYOUT, DENSE, DEQUANT, FP8_MATMUL, INT8_MATMUL, KITCHEN_MATMUL, OpsPlan
+from ..loaders.comfy_algos import native_only
+
+from . import comfy_native
 from ..ops.policy_grid import BLOCK_GRID_FORMATS
 
 from .gguf_layout import GGUF_LAYOUT, GGUFLayout
@@ -221,10 +224,13 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 raw = state_dict.get(f"{prefix}comfy_quant")
                 conf = parse_comfy_quant(raw) if raw is not None else None
                 fmt = conf.get("format") if conf else None
+                native = native_only(conf)  # only ComfyUI's own layout runs it: handed over untouched
+                if native:
+                    comfy_native.gate(conf, layer=name)
                 if fmt == "fp4_g32":
                     self._load_fp4_g32(state_dict, prefix, local_metadata, strict, missing_keys,
                                        unexpected_keys, error_msgs, conf, name)
-                elif fmt in GRID_FORMATS:
+                elif fmt in GRID_FORMATS and not native:
                     self._wq_load_grid(state_dict, prefix, local_metadata, strict, missing_keys,
                                        unexpected_keys, error_msgs, conf, name)
                 elif is_gguf(fmt):
@@ -240,8 +246,11 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                                             found=str(fmt)) from exc
                 shape = (self.out_features, self.in_features)
                 weight = getattr(self, "weight", None)
-                choice = plan.decide(name, fmt, conf, shape, getattr(self, "input_scale", None) is not None,
-                                     None if fmt else (weight.dtype if weight is not None else None))
+                if native:
+                    choice = plan.comfy_layout(name, fmt, comfy_native.layout_name(conf), shape)
+                else:
+                    choice = plan.decide(name, fmt, conf, shape, getattr(self, "input_scale", None) is not None,
+                                         None if fmt else (weight.dtype if weight is not None else None))
                 self._wq_choice = choice
                 self._wq_name = name
                 self._wq_ran = set()  # paths this layer has executed (recorded once each)
@@ -249,7 +258,7 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 if choice.path == INT8_MATMUL and fmt in FP8_FORMATS:
                     self._wq_requant_int8(name)
                     self._wq_conf = dict(self._wq_conf, format="int8_tensorwise")
-                if fmt is not None:
+                if fmt is not None and not native:
                     # ComfyUI's own forward runs only the kitchen path; keep its flag consistent
                     self._full_precision_mm = choice.path != KITCHEN_MATMUL
 
@@ -390,7 +399,7 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 choice = self._wq_choice
                 fmt = getattr(self, "quant_format", None)
                 if (choice is None or fmt is None or getattr(self, "layout_type", None) is None
-                        or choice.path == KITCHEN_MATMUL or input.requires_grad
+                        or choice.path in (KITCHEN_MATMUL, COMFY_LAYOUT) or input.requires_grad
                         or getattr(self, "pre_quant_scale", None) is not None
                         or isinstance(input, QuantizedTensor)):
                     if choice is not None:
@@ -443,6 +452,8 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                     return DEQUANT, why or "full-precision matmul for this layer"
                 if why or isinstance(input, QuantizedTensor):
                     return DEQUANT, why or "quantized input"
+                if self._wq_choice is not None and self._wq_choice.path == COMFY_LAYOUT:
+                    return COMFY_LAYOUT, ""
                 return (FP8_MATMUL if fmt in FP8_FORMATS else KITCHEN_MATMUL), "ComfyUI's own quantized matmul"
 
     WanquantOps.__name__ = "WanquantOps"

@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+import comfy_algo_files
 from fixtures import bits, syn, tiny_wan
 
 from wanquant.cli import main as cli_main
@@ -29,29 +30,7 @@ CONVROT = comfy_algos.CONVROT
 
 
 def _native(sd, key, layers=LAYERS):
-    """``sd`` with ``layers`` quantized by comfy-kitchen's layout for ``key``, as ComfyUI saves them."""
-    kt = pytest.importorskip("comfy_kitchen.tensor")
-    out = dict(sd)
-    for l in layers:
-        w = sd[f"{l}.weight"].float()
-        if key == CONVROT:
-            layout = kt.TensorWiseINT8Layout
-            q, p = layout.quantize(w, is_weight=True, per_channel=True, convrot=True, convrot_groupsize=256)
-            conf = {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256}
-        elif key == "convrot_w4a4":
-            layout = getattr(kt, "TensorCoreConvRotW4A4Layout", None) or pytest.skip("kitchen without ConvRot W4A4")
-            q, p = layout.quantize(w)
-            conf = {"format": "convrot_w4a4", "convrot_groupsize": 256}
-        else:
-            layout = getattr(kt, "AsymW4A8Int8Layout", None) or pytest.skip("kitchen without W4A8")
-            q, p = layout.quantize(w)
-            conf = {"format": "asym_w4a8_int8", "group_size": 16, "convrot_groupsize": 256}
-        del out[f"{l}.weight"]
-        for suffix, t in layout.state_dict_tensors(q, p).items():
-            if t is not None:
-                out[f"{l}.weight{suffix}"] = t
-        out[f"{l}.comfy_quant"] = syn.comfy_quant_bytes(conf)
-    return out
+    return comfy_algo_files.native(sd, key, layers)
 
 
 @pytest.mark.parametrize("key,since", [(CONVROT, "0.27.0"), ("convrot_w4a4", "0.28.0"), ("asym_w4a8_int8", "0.31.0")])
