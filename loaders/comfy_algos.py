@@ -206,6 +206,12 @@ def _check_shapes(module, weight, t: dict, conf: dict, key: str, file: str) -> N
         _check_groupsize(module, file, conf, k, key)
 
 
+def logical_shape(layer) -> tuple[int, int]:
+    """[out, in] of an untouched layer (the int4 algorithms pack two values per int8)."""
+    n, k = (int(d) for d in layer.weight.shape[:2])
+    return (n, k * 2) if algo_key(layer.conf) in ("convrot_w4a4", "asym_w4a8_int8") else (n, k)
+
+
 def entries(layer, entry_cls) -> list:
     """Canonical entries of an untouched layer: the weight, each tensor beside it and the
     comfy_quant JSON, exactly as the file has them (no retyping: ComfyUI reads them itself)."""

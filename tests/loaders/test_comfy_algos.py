@@ -157,3 +157,18 @@ def test_readme_carries_the_version_table():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert comfy_algos.version_table() in readme
+
+
+def test_lora_merge_into_a_comfyui_only_layer_is_refused(tmp_path):
+    """Merging needs the weight decoded; int8 + ConvRot read as plain int8 would lose its rotation."""
+    from wanquant.lora.keys import render_lora
+    from wanquant.lora.merge import merge_lora_file
+
+    src = _native(tiny_wan(), CONVROT)
+    p = syn.save(src, tmp_path / "m.safetensors")
+    lora = syn.save(render_lora({"blocks.1.ffn.0": {"up": torch.ones(512, 2), "down": torch.ones(2, 256),
+                                                    "alpha": 2.0}}, "comfy"), tmp_path / "l.safetensors")
+    dst = tmp_path / "merged.safetensors"
+    with pytest.raises(WanquantError, match="LoRA cannot be merged.*ComfyUI >= 0.27.0") as e:
+        merge_lora_file(str(p), [(str(lora), 1.0)], str(dst))
+    assert e.value.layer == "blocks.1.ffn.0" and not dst.exists()
