@@ -376,7 +376,7 @@ def _fuse_parts(det: Detection, file: str, report: Report) -> None:
                                             expected="both to_k and to_v", found=f"parts {sorted(parts)}"))
             continue
         fmts = {l.format for l in ordered}
-        native = [l for l in ordered if comfy_algos.native_only(l.conf)]
+        native = [l for l in ordered if comfy_algos.layer_native(l)]
         if native:  # fusing rows needs the weights decoded
             det.errors.append(comfy_algos.no_decoder_error(native[0], "to_k/to_v must be fused into one layer"))
             continue
@@ -406,7 +406,7 @@ def _dequantize_non_linear(det: Detection, report: Report) -> None:
         logical = layer.conf.get("orig_shape")  # GGUF: the payload is bytes, the conf holds the shape
         if not layer.quantized or runs_quantized(name, len(logical or layer.weight.shape)):
             continue
-        if comfy_algos.native_only(layer.conf):
+        if comfy_algos.layer_native(layer):
             raise comfy_algos.no_decoder_error(layer, "ComfyUI does not run this module as a Linear")
         if logical and len(logical) != 2:
             shape = tuple(int(s) for s in logical)
@@ -492,7 +492,7 @@ def _layer_entries(layer: Layer) -> list[Entry]:
     w = layer.weight
     if not layer.quantized:
         return [Entry(f"{n}.weight", w.shape, w.dtype, w.loader, n)]
-    if comfy_algos.native_only(layer.conf):  # ComfyUI's own algorithm: every tensor as the file has it
+    if comfy_algos.kept_as_is(layer):  # ComfyUI's own algorithm: every tensor as the file has it
         return comfy_algos.entries(layer, Entry)
     out = []
     conf = dict(layer.conf)

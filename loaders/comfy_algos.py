@@ -44,12 +44,14 @@ class ComfyAlgo:
 
 
 CONVROT = "int8_tensorwise+convrot"
+PRE_QUANT = "nvfp4+pre_quant_scale"
 #: name -> algorithm. Upstream: Comfy-Org/ComfyUI comfy/quant_ops.py + comfy/ops.py (0.33.0 = 783545f).
 ALGOS: dict[str, ComfyAlgo] = {a.key: a for a in (
     ComfyAlgo("float8_e4m3fn", "0.3.68", "8817f8fc (#10498)", ("weight_scale",), ("input_scale",), "float8_e4m3fn"),
     ComfyAlgo("float8_e5m2", "0.8.0", "6da00dd8 (#11635)", ("weight_scale",), ("input_scale",), "float8_e5m2"),
-    ComfyAlgo("nvfp4", "0.8.0", "6da00dd8 (#11635)", ("weight_scale", "weight_scale_2"), ("input_scale",), "nvfp4",
-              "pre_quant_scale (AWQ smoothing of the input) from 0.30.0, 57500fc5 (#15224)"),
+    ComfyAlgo("nvfp4", "0.8.0", "6da00dd8 (#11635)", ("weight_scale", "weight_scale_2"), ("input_scale",), "nvfp4"),
+    ComfyAlgo(PRE_QUANT, "0.30.0", "57500fc5 (#15224)", ("weight_scale", "weight_scale_2", "pre_quant_scale"),
+              ("input_scale",), None, "ModelOpt AWQ: ComfyUI multiplies the input by pre_quant_scale [in]"),
     ComfyAlgo("mxfp8", "0.18.0", "1c5db739 (#12907)", ("weight_scale",), (), "mxfp8"),
     ComfyAlgo("int8_tensorwise", "0.27.0", "1a510f04 (#14636)", ("weight_scale",), (), "int8_tensorwise",
               "int8 [N, K] + fp32 scale, 0-d or [N, 1]"),
@@ -78,22 +80,54 @@ def publish_running(names, version: str | None) -> None:
     _RUNNING["algos"], _RUNNING["version"] = frozenset(names), version
 
 
-def algo_key(conf: dict) -> str:
-    """The table key of a layer's conf (int8 with a ConvRot rotation is its own row)."""
+def algo_key(conf: dict, tensors=()) -> str:
+    """The table key of a layer's conf and the tensor names beside its weight (int8 with a ConvRot
+    rotation and NVFP4 with an AWQ ``pre_quant_scale`` are rows of their own)."""
     fmt = str(conf.get("format"))
     params = conf.get("params") if isinstance(conf.get("params"), dict) else {}
     if fmt == "int8_tensorwise" and (conf.get("convrot") or params.get("convrot")):
         return CONVROT
+    if fmt == "nvfp4" and "pre_quant_scale" in tensors:
+        return PRE_QUANT
     return fmt
 
 
-def native_only(conf: dict | None) -> bool:
+def native_only(conf: dict | None, tensors=()) -> bool:
     """Whether a layer is one only ComfyUI's own layout runs (no exact wanquant decoder)."""
     if not conf or "format" not in conf:
         return False
     from ..ops.formats import FORMAT_NAMES
 
-    return algo_key(conf) not in (*FORMAT_NAMES, "hybrid_mxfp8")
+    return algo_key(conf, tensors) not in (*FORMAT_NAMES, "hybrid_mxfp8")
+
+
+def layer_key(layer) -> str:
+    return algo_key(layer.conf, {**layer.sides, **layer.others})
+
+
+def layer_native(layer) -> bool:
+    """``native_only`` for a detected layer (its conf and the tensors beside its weight)."""
+    return layer.quantized and native_only(layer.conf, {**layer.sides, **layer.others})
+
+
+def kept_as_is(layer) -> bool:
+    """A layer whose canonical entries are the file's tensors untouched (all ComfyUI-only ones but
+    NVFP4 + pre_quant_scale, whose NVFP4 part takes the usual canonical form, the vector beside it)."""
+    return layer_native(layer) and layer_key(layer) != PRE_QUANT
+
+
+def check_pre_quant(layer, file: str):
+    """An NVFP4 layer with ModelOpt's ``pre_quant_scale`` [in] (ComfyUI >= 0.30.0 multiplies the input
+    by it): checked, named in the spelling; nothing outside ComfyUI's own layout may decode it."""
+    pre = layer.others.get("pre_quant_scale")
+    if pre is None or layer.format != "nvfp4":
+        return layer
+    k = int(layer.weight.shape[-1]) * 2
+    if len(pre.shape) != 1 or pre.numel != k or pre.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise _bad(layer.name, file, "nvfp4 pre_quant_scale must be one float per input", f"float [{k}]",
+                   f"{pre.dtype} {list(pre.shape)} ({pre.key})")
+    layer.spelling += f" + pre_quant_scale (ComfyUI's own layout only; {needs_text(PRE_QUANT)})"
+    return layer
 
 
 def needs_text(key: str) -> str:
@@ -107,10 +141,10 @@ def needs_text(key: str) -> str:
 
 
 def unknown_error(conf: dict, *, file: str | None = None, layer: str | None = None,
-                  in_comfyui: bool = False) -> WanquantError:
+                  in_comfyui: bool = False, tensors=()) -> WanquantError:
     """The one error for an algorithm that cannot run here: outside ComfyUI one no release has; in
     ComfyUI (``in_comfyui``) one the running ComfyUI's ``QUANT_ALGOS`` lacks."""
-    key = algo_key(conf)
+    key = algo_key(conf, tensors)
     a = ALGOS.get(key)
     if in_comfyui:
         where = "the running ComfyUI does not load it: update ComfyUI" if a is not None and a.since else \
@@ -142,7 +176,8 @@ def classify(module: str, weight, sides: dict, others: dict, conf: dict, file: s
     ComfyUI knows it."""
     from .detect import Layer
 
-    key = algo_key(conf)
+    pool = {**others, **sides}
+    key = algo_key(conf, pool)
     if "num_experts" in conf:
         raise _bad(module, file, f"comfy_quant MoE expert bank (ComfyUI >= {MOE_SINCE} MoEExperts); a Wan DiT has "
                    "no expert layers", "a Linear's comfy_quant", json.dumps(conf)[:200])
@@ -151,7 +186,6 @@ def classify(module: str, weight, sides: dict, others: dict, conf: dict, file: s
         raise unknown_error(conf, file=file, layer=module)
     if a is not None and a.since is None and key not in _RUNNING["algos"]:
         raise unknown_error(conf, file=file, layer=module)
-    pool = {**others, **sides}
     if a is None:  # the running ComfyUI knows it; nothing here can check it: everything kept as is
         keep = {r: ref for r, ref in pool.items() if r != "bias"}
     else:
@@ -209,7 +243,7 @@ def _check_shapes(module, weight, t: dict, conf: dict, key: str, file: str) -> N
 def logical_shape(layer) -> tuple[int, int]:
     """[out, in] of an untouched layer (the int4 algorithms pack two values per int8)."""
     n, k = (int(d) for d in layer.weight.shape[:2])
-    return (n, k * 2) if algo_key(layer.conf) in ("convrot_w4a4", "asym_w4a8_int8") else (n, k)
+    return (n, k * 2) if layer_key(layer) in ("convrot_w4a4", "asym_w4a8_int8") else (n, k)
 
 
 def entries(layer, entry_cls) -> list:
@@ -228,8 +262,8 @@ def entries(layer, entry_cls) -> list:
 
 def no_decoder_error(layer, why: str) -> WanquantError:
     """A place that would need this layer's weights decoded (outside ComfyUI's own layout)."""
-    return WanquantError(f"{why}: comfy_quant {algo_key(layer.conf)} runs only in ComfyUI's own layout "
-                         f"({needs_text(algo_key(layer.conf))}); wanquant has no exact decoder for it", layer=layer.name,
+    return WanquantError(f"{why}: comfy_quant {layer_key(layer)} runs only in ComfyUI's own layout "
+                         f"({needs_text(layer_key(layer))}); wanquant has no exact decoder for it", layer=layer.name,
                          expected="a layer ComfyUI runs as a Linear", found=layer.format)
 
 
@@ -237,8 +271,8 @@ def report_notes(layers: dict) -> list[str]:
     """One line per algorithm kept for ComfyUI's own layout (``inspect`` and the loader's report)."""
     counts: dict[str, int] = {}
     for layer in layers.values():
-        if layer.quantized and native_only(layer.conf):
-            k = algo_key(layer.conf)
+        if layer_native(layer):
+            k = layer_key(layer)
             counts[k] = counts.get(k, 0) + 1
     return [f"{n} layers use ComfyUI's comfy_quant {k}: passed through untouched, runs only in ComfyUI's own "
             f"layout ({needs_text(k)})"

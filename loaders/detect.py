@@ -378,8 +378,8 @@ def _classify_comfy(module, weight, sides, others, conf, file, spelling=None) ->
     if leftover:
         raise WanquantError(f"unexpected side tensor on a {fmt} layer", file=file, layer=module,
                             found=", ".join(sides[r].key for r in sorted(leftover)))
-    return Layer(module, fmt, spelling, weight, keep, dict(conf), others,
-                 scale_layout=layout if fmt == "nvfp4" else None)
+    return comfy_algos.check_pre_quant(Layer(module, fmt, spelling, weight, keep, dict(conf), others,
+                                             scale_layout=layout if fmt == "nvfp4" else None), file)
 
 
 def _grid(module, weight, sides, others, conf, file, spelling) -> Layer:

@@ -168,7 +168,7 @@ def canonical_shapes(model: CanonicalModel) -> dict[str, tuple[int, ...]]:
     for name, layer in quant.items():
         we = model.entries[f"{name}.weight"]
         probe = {"weight": torch.empty(we.shape, dtype=we.dtype, device="meta")}
-        shapes[f"{name}.weight"] = (comfy_algos.logical_shape(layer) if comfy_algos.native_only(layer.conf)
+        shapes[f"{name}.weight"] = (comfy_algos.logical_shape(layer) if comfy_algos.kept_as_is(layer)
                                     else tuple(get_format(layer.format).orig_shape(probe, layer.conf)))
     return shapes
 
@@ -226,7 +226,7 @@ def plan_merge(model: CanonicalModel, grouped: dict[str, list[Applied]], *, stoc
     rewrite = {n: l for n, l in model.layers.items()
                if l.quantized and (f"{n}.weight" in grouped or l.format == "fp4_g32")}
     for layer in rewrite.values():
-        if comfy_algos.native_only(layer.conf):  # decoding it here would drop e.g. its ConvRot rotation
+        if comfy_algos.layer_native(layer):  # decoding it here would drop e.g. its ConvRot rotation
             raise comfy_algos.no_decoder_error(layer, "a LoRA cannot be merged into this layer")
     out: list[Entry] = []
     emitted: set[str] = set()

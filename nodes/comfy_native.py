@@ -27,6 +27,8 @@ def running_algos() -> frozenset[str]:
         if params is not None and dataclasses.is_dataclass(params) and \
                 "convrot" in {f.name for f in dataclasses.fields(params)}:
             names.add(comfy_algos.CONVROT)
+    if "pre_quant_scale" in algos.get("nvfp4", {}).get("parameters", ()):
+        names.add(comfy_algos.PRE_QUANT)
     return frozenset(names)
 
 
@@ -43,17 +45,17 @@ def layout_name(conf: dict) -> str:
     return entry.get("comfy_tensor_layout", f"layout for {conf.get('format')}")
 
 
-def gate(conf: dict, *, file: str | None = None, layer: str | None = None) -> None:
+def gate(conf: dict, tensors=(), *, file: str | None = None, layer: str | None = None) -> None:
     """Raise the one error for a ComfyUI-only layer this ComfyUI cannot load."""
-    if comfy_algos.algo_key(conf) not in running_algos():
-        raise comfy_algos.unknown_error(conf, file=file, layer=layer, in_comfyui=True)
+    if comfy_algos.algo_key(conf, tensors) not in running_algos():
+        raise comfy_algos.unknown_error(conf, file=file, layer=layer, in_comfyui=True, tensors=tensors)
 
 
 def gate_model(layers: dict, file: str) -> None:
     """``gate`` every ComfyUI-only layer of a canonical model, first failure raised."""
     for name, layer in layers.items():
-        if layer.quantized and comfy_algos.native_only(layer.conf):
-            gate(layer.conf, file=file, layer=name)
+        if comfy_algos.layer_native(layer):
+            gate(layer.conf, {**layer.sides, **layer.others}, file=file, layer=name)
 
 
 __all__ = ["running_algos", "publish", "gate", "gate_model", "layout_name"]

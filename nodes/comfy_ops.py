@@ -36,13 +36,14 @@ from comfy.quant_ops import QuantizedTensor
 
 from ..errors import WanquantError
 from ..loaders.grid_detect import GRID_FORMATS
-from ..ops.formats import (FP8_FORMATS, FP8_ROWWISE_FORMATS, comfy_quant_tensor, get_format, parse_comfy_quant,
+from ..ops.formats import (FORMAT_NAMES, FP8_FORMATS, FP8_ROWWISE_FORMATS, comfy_quant_tensor, get_format, parse_comfy_quant,
                            swap_nibbles)
 from ..ops.formats.fp4_g32 import check_canonical as check_fp4_canonical
 from ..ops.formats.gguf import BLOCKS, dequantize_bytes, is_gguf
 from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
 from ..ops.linear_grid import linear_fp8_rowwise, linear_int8, requantize_fp8_to_int8
-from ..ops.policy import COMFY_LAYOUT, DENSE, DEQUANT, FP8_MATMUL, INT8_MATMUL, KITCHEN_MATMUL, OpsPlan
+from ..ops.policy import COMFY_LAYOUT, DENSE, DEQUANT, FP8_MATMUL, INT8_MATMUL, KITCHEN_MATMUL, OpsPlan, choose
+from ..loaders import comfy_algos
 from ..loaders.comfy_algos import native_only
 
 from . import comfy_native
@@ -224,9 +225,10 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 raw = state_dict.get(f"{prefix}comfy_quant")
                 conf = parse_comfy_quant(raw) if raw is not None else None
                 fmt = conf.get("format") if conf else None
-                native = native_only(conf)  # only ComfyUI's own layout runs it: handed over untouched
+                tensors = ("pre_quant_scale",) if f"{prefix}pre_quant_scale" in state_dict else ()
+                native = native_only(conf, tensors)  # only ComfyUI's own layout runs it: handed over untouched
                 if native:
-                    comfy_native.gate(conf, layer=name)
+                    comfy_native.gate(conf, tensors, layer=name)
                 if fmt == "fp4_g32":
                     self._load_fp4_g32(state_dict, prefix, local_metadata, strict, missing_keys,
                                        unexpected_keys, error_msgs, conf, name)
@@ -247,7 +249,13 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 shape = (self.out_features, self.in_features)
                 weight = getattr(self, "weight", None)
                 if native:
-                    choice = plan.comfy_layout(name, fmt, comfy_native.layout_name(conf), shape)
+                    note = ""
+                    if fmt in FORMAT_NAMES:  # e.g. NVFP4 + pre_quant_scale: its matmul gated as the format's
+                        base = choose(fmt, plan.caps, "auto", conf=conf, shape=shape, layer=name)
+                        self._full_precision_mm = base.path != KITCHEN_MATMUL
+                        note = f"{fmt} matmul: {base.reason}"
+                    choice = plan.comfy_layout(name, comfy_algos.algo_key(conf, tensors),
+                                               comfy_native.layout_name(conf), shape, note)
                 else:
                     choice = plan.decide(name, fmt, conf, shape, getattr(self, "input_scale", None) is not None,
                                          None if fmt else (weight.dtype if weight is not None else None))
@@ -448,12 +456,12 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 if fmt is None or getattr(self, "layout_type", None) is None:
                     return DENSE, ""
                 why = self._wq_patched()
+                if self._wq_choice is not None and self._wq_choice.path == COMFY_LAYOUT:  # its own forward
+                    return COMFY_LAYOUT, why or ("dequantized by ComfyUI" if self._full_precision_mm else "")
                 if self._full_precision_mm:
                     return DEQUANT, why or "full-precision matmul for this layer"
                 if why or isinstance(input, QuantizedTensor):
                     return DEQUANT, why or "quantized input"
-                if self._wq_choice is not None and self._wq_choice.path == COMFY_LAYOUT:
-                    return COMFY_LAYOUT, ""
                 return (FP8_MATMUL if fmt in FP8_FORMATS else KITCHEN_MATMUL), "ComfyUI's own quantized matmul"
 
     WanquantOps.__name__ = "WanquantOps"

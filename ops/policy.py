@@ -453,9 +453,10 @@ class OpsPlan:
         self.layers[name] = LayerChoice(name, fmt, ch, tuple(shape) if shape is not None else None, dtype)
         return ch
 
-    def comfy_layout(self, name: str, fmt: str, layout: str, shape=None) -> Choice:
+    def comfy_layout(self, name: str, fmt: str, layout: str, shape=None, note: str = "") -> Choice:
         """Plan a layer that runs in ComfyUI's own ``layout`` (no policy choice: wanquant has no decoder)."""
-        ch = Choice(COMFY_LAYOUT, f"ComfyUI's own {layout}; wanquant has no decoder for this comfy_quant algorithm")
+        ch = Choice(COMFY_LAYOUT, f"ComfyUI's own {layout}; wanquant has no decoder for this comfy_quant algorithm"
+                    + (f"; {note}" if note else ""))
         self.layers[name] = LayerChoice(name, fmt, ch, tuple(shape) if shape is not None else None, None)
         return ch
 

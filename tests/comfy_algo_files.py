@@ -35,3 +35,13 @@ def native(sd: dict[str, torch.Tensor], key: str, layers) -> dict[str, torch.Ten
                 out[f"{l}.weight{suffix}"] = t
         out[f"{l}.comfy_quant"] = syn.comfy_quant_bytes(conf)
     return out
+
+
+def nvfp4_pre_quant(sd: dict[str, torch.Tensor], layers, seed: int = 5) -> dict[str, torch.Tensor]:
+    """NVFP4 layers (comfy-kitchen's quantizer, ComfyUI's layout) with ModelOpt AWQ's
+    ``pre_quant_scale`` [in] beside them (ComfyUI >= 0.30.0 multiplies the input by it)."""
+    q, _ = syn.comfy_native(sd, {l: "nvfp4" for l in layers})
+    g = torch.Generator().manual_seed(seed)
+    for l in layers:
+        q[f"{l}.pre_quant_scale"] = (0.5 + torch.rand(sd[f"{l}.weight"].shape[1], generator=g)).to(torch.bfloat16)
+    return q

@@ -172,3 +172,34 @@ def test_lora_on_the_fly_takes_comfyuis_route_and_matches_fp64(comfy_inprocess, 
         mm.load_models_gpu([model])
     out = denoise(model)
     assert float((out - want).norm() / want.norm()) < 1e-4
+
+
+def test_nvfp4_pre_quant_scale_runs_in_comfyuis_layout_or_is_one_error(comfy_inprocess, tmp_path, monkeypatch):
+    """NVFP4 + ModelOpt's pre_quant_scale: ComfyUI >= 0.30.0 multiplies the input by it; our model
+    equals stock ComfyUI's on the same file; a ComfyUI without it is one error, never a silent drop."""
+    import comfy.quant_ops
+
+    from comfy_algo_files import nvfp4_pre_quant
+    from wanquant.errors import WanquantError
+    from wanquant.nodes.bridge import load_wan_model
+
+    sd = tiny_wan(seed=4)
+    layers = _blocks(sd)
+    q = nvfp4_pre_quant(sd, layers)
+    path = syn.save(q, tmp_path / "awq.safetensors")
+    if _running_version() >= (0, 30, 0):
+        res = load_wan_model(str(path), policy="auto")
+        plan = res.patcher.model.wanquant_plan
+        assert all(plan.layers[l].choice.path == "comfy_layout" for l in layers)
+        out = denoise(res.patcher)
+        want = denoise(_stock(q))
+        assert float((out - want).norm() / want.norm()) < 1e-5
+        without = {k: v for k, v in q.items() if not k.endswith(".pre_quant_scale")}
+        # the vector matters: dropping it changes the model (so the comparison above can fail)
+        assert float((denoise(_stock(without)) - want).norm() / want.norm()) > 1e-2
+    nv = dict(comfy.quant_ops.QUANT_ALGOS["nvfp4"])
+    nv["parameters"] = set(nv["parameters"]) - {"pre_quant_scale"}
+    monkeypatch.setitem(comfy.quant_ops.QUANT_ALGOS, "nvfp4", nv)
+    with pytest.raises(WanquantError, match=r"nvfp4\+pre_quant_scale' needs ComfyUI >= 0\.30\.0") as e:
+        load_wan_model(str(path), policy="auto")
+    assert e.value.file == str(path) and e.value.layer in layers

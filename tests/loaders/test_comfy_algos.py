@@ -172,3 +172,28 @@ def test_lora_merge_into_a_comfyui_only_layer_is_refused(tmp_path):
     with pytest.raises(WanquantError, match="LoRA cannot be merged.*ComfyUI >= 0.27.0") as e:
         merge_lora_file(str(p), [(str(lora), 1.0)], str(dst))
     assert e.value.layer == "blocks.1.ffn.0" and not dst.exists()
+
+
+def test_nvfp4_with_pre_quant_scale_is_named_and_kept(tmp_path):
+    """ModelOpt AWQ's pre_quant_scale changes the math (the input is multiplied by it): kept beside the
+    NVFP4 layer, named with ComfyUI >= 0.30.0; a wrong shape is one error; a LoRA merge is refused."""
+    from wanquant.lora.keys import render_lora
+    from wanquant.lora.merge import merge_lora_file
+
+    src = comfy_algo_files.nvfp4_pre_quant(tiny_wan(), LAYERS)
+    p = syn.save(src, tmp_path / "awq.safetensors")
+    with load_canonical(p) as m:
+        for l in LAYERS:
+            assert m.layers[l].format == "nvfp4" and "pre_quant_scale" in m.layers[l].spelling
+            assert "ComfyUI >= 0.30.0" in m.layers[l].spelling
+            assert torch.equal(bits(m.entries[f"{l}.pre_quant_scale"].load()), bits(src[f"{l}.pre_quant_scale"]))
+        assert any("nvfp4+pre_quant_scale" in n and "0.30.0" in n for n in m.report.notes)
+    lora = syn.save(render_lora({LAYERS[0]: {"up": torch.ones(512, 2), "down": torch.ones(2, 256), "alpha": 2.0}},
+                                "comfy"), tmp_path / "l.safetensors")
+    with pytest.raises(WanquantError, match="LoRA cannot be merged"):
+        merge_lora_file(str(p), [(str(lora), 1.0)], str(tmp_path / "merged.safetensors"))
+    src[f"{LAYERS[0]}.pre_quant_scale"] = torch.ones(7)
+    bad = syn.save(src, tmp_path / "bad.safetensors")
+    with pytest.raises(WanquantError, match="pre_quant_scale must be one float per input") as e:
+        load_canonical(bad)
+    assert e.value.file == str(bad) and e.value.layer == LAYERS[0]
