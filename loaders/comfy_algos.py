@@ -69,15 +69,15 @@ ALGOS: dict[str, ComfyAlgo] = {a.key: a for a in (
     ComfyAlgo("awq_w4a16", None, "Comfy-Org/ComfyUI PR #13580 (open)", ("weight_scale", "weight_zero")),
 )}
 #: ComfyUI's MoE expert banks (``MixedPrecisionOps.MoEExperts``, comfy_quant ``num_experts``)
-MOE_SINCE, MOE_ADDED_BY = "0.23.0", "41812fa0 (#14077)"
+MOE_SINCE = "0.23.0"  # 41812fa0 (#14077)
 
-_RUNNING: dict[str, object] = {"algos": frozenset(), "version": None}
+_RUNNING: dict[str, frozenset] = {"algos": frozenset()}
 
 
-def publish_running(names, version: str | None) -> None:
+def publish_running(names) -> None:
     """Called by ``nodes/`` with the running ComfyUI's ``QUANT_ALGOS`` names (feature detection):
     an algorithm newer than this table is then kept untouched for that ComfyUI instead of refused."""
-    _RUNNING["algos"], _RUNNING["version"] = frozenset(names), version
+    _RUNNING["algos"] = frozenset(names)
 
 
 def algo_key(conf: dict, tensors=()) -> str:
@@ -136,7 +136,7 @@ def needs_text(key: str) -> str:
     if a is not None and (a.since or key not in _RUNNING["algos"]):
         return a.needs
     if key in _RUNNING["algos"]:
-        return f"known to the running ComfyUI {_RUNNING['version'] or ''}".rstrip()
+        return "known to the running ComfyUI"
     return "not in any ComfyUI release we know"
 
 
@@ -177,7 +177,7 @@ def classify(module: str, weight, sides: dict, others: dict, conf: dict, file: s
     from .detect import Layer
 
     pool = {**others, **sides}
-    key = algo_key(conf, pool)
+    key = algo_key(conf)
     if "num_experts" in conf:
         raise _bad(module, file, f"comfy_quant MoE expert bank (ComfyUI >= {MOE_SINCE} MoEExperts); a Wan DiT has "
                    "no expert layers", "a Linear's comfy_quant", json.dumps(conf)[:200])

@@ -35,7 +35,7 @@ def running_algos() -> frozenset[str]:
 def publish() -> frozenset[str]:
     """Tell the loaders what this ComfyUI runs, so an algorithm newer than wanquant's table is kept."""
     names = running_algos()
-    comfy_algos.publish_running(names, None)
+    comfy_algos.publish_running(names)
     return names
 
 
