@@ -110,7 +110,15 @@ def test_algorithm_the_running_comfyui_lacks_is_one_error(comfy_inprocess, tmp_p
     from wanquant.errors import WanquantError
     from wanquant.nodes.bridge import load_wan_model
 
-    q, path = _file(tmp_path, "asym_w4a8_int8")
+    sd = tiny_wan(seed=4)
+    q = dict(sd)
+    for l in _blocks(sd):  # upstream shapes (values play no part before the gate): see comfy_algo_files
+        n, k = q.pop(f"{l}.weight").shape
+        q[f"{l}.weight"] = torch.zeros(n, k // 2, dtype=torch.int8)
+        q[f"{l}.weight_s_rel"] = torch.ones(n, k // 16).to(torch.float8_e4m3fn)
+        q[f"{l}.weight_s_channel"] = torch.ones(n)
+        q[f"{l}.comfy_quant"] = syn.comfy_quant_bytes(RECIPES["asym_w4a8_int8"][1])
+    path = syn.save(q, tmp_path / "w4a8.safetensors")
     older = {k: v for k, v in comfy.quant_ops.QUANT_ALGOS.items() if k != "asym_w4a8_int8"}
     monkeypatch.setattr(comfy.quant_ops, "QUANT_ALGOS", older)
     with pytest.raises(WanquantError, match=r"needs ComfyUI >= 0\.31\.0") as e:
