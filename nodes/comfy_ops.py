@@ -18,7 +18,10 @@ returns, so ComfyUI keeps doing what it does well: ``comfy_quant`` loading into
   into a ``QuantizedTensor`` with a wanquant layout, so LoRA and offloading work unchanged. A
   model saved from such layers does not load in vanilla ComfyUI.
 
-NVFP4/MXFP8 on SM >= 10 go through ComfyUI's own forward (kitchen kernels).
+NVFP4/MXFP8 on SM >= 10 go through ComfyUI's own forward (kitchen kernels), and so do the
+``comfy_quant`` algorithms wanquant has no decoder for (int8 + ConvRot, convrot_w4a4,
+asym_w4a8_int8, NVFP4 + pre_quant_scale: ``loaders/comfy_algos.py``), untouched, planned as
+``comfy_layout``; ``nodes/comfy_native.py`` refuses those the running ComfyUI does not load.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import comfy.ops
 from comfy.quant_ops import QuantizedTensor
 
 from ..errors import WanquantError
+from ..loaders import comfy_algos
 from ..loaders.grid_detect import GRID_FORMATS
 from ..ops.formats import (FORMAT_NAMES, FP8_FORMATS, FP8_ROWWISE_FORMATS, comfy_quant_tensor, get_format, parse_comfy_quant,
                            swap_nibbles)
@@ -43,12 +47,9 @@ from ..ops.formats.gguf import BLOCKS, dequantize_bytes, is_gguf
 from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
 from ..ops.linear_grid import linear_fp8_rowwise, linear_int8, requantize_fp8_to_int8
 from ..ops.policy import COMFY_LAYOUT, DENSE, DEQUANT, FP8_MATMUL, INT8_MATMUL, KITCHEN_MATMUL, OpsPlan, choose
-from ..loaders import comfy_algos
-from ..loaders.comfy_algos import native_only
-
-from . import comfy_native
 from ..ops.policy_grid import BLOCK_GRID_FORMATS
 
+from . import comfy_native
 from .gguf_layout import GGUF_LAYOUT, GGUFLayout
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 conf = parse_comfy_quant(raw) if raw is not None else None
                 fmt = conf.get("format") if conf else None
                 tensors = ("pre_quant_scale",) if f"{prefix}pre_quant_scale" in state_dict else ()
-                native = native_only(conf, tensors)  # only ComfyUI's own layout runs it: handed over untouched
+                native = comfy_algos.native_only(conf, tensors)  # only ComfyUI's own layout runs it: handed over untouched
                 if native:
                     comfy_native.gate(conf, tensors, layer=name)
                 if fmt == "fp4_g32":
