@@ -26,7 +26,7 @@ import torch
 from ..errors import WanquantError
 from ..ops.formats import comfy_quant_tensor, swap_nibbles, to_blocked
 from ..ops.formats.gguf import is_gguf
-from . import keymap
+from . import comfy_algos, keymap
 from .comfy_linear import runs_quantized
 from .containers import Source, TensorReader, TensorRef, open_source
 from .detect import MARKER_KEY, Detection, Layer, _header_quant_layers, detect_layers
@@ -305,6 +305,7 @@ def canonical_from_source(src: Source, *, nibble_order: str | None = None, nvfp4
             det.errors.append(err)
     _fuse_parts(det, file, report)
     _dequantize_non_linear(det, report)
+    report.notes.extend(comfy_algos.report_notes(det.layers))
     report.errors = [str(e) for e in det.errors]
     if det.marker is not None:
         kind = {0: "input scales present", 2: "fp8 matmul disabled by the producer"}.get(det.marker.numel, "")
@@ -379,6 +380,10 @@ def _fuse_parts(det: Detection, file: str, report: Report) -> None:
                                             expected="both to_k and to_v", found=f"parts {sorted(parts)}"))
             continue
         fmts = {l.format for l in ordered}
+        native = [l for l in ordered if comfy_algos.layer_native(l)]
+        if native:  # fusing rows needs the weights decoded
+            det.errors.append(comfy_algos.no_decoder_error(native[0], "to_k/to_v must be fused into one layer"))
+            continue
         biases = [l.others.get("bias") for l in ordered]
         others = {"bias": _concat_ref(biases)} if all(biases) else {}
         same_order = len({l.nibble_order for l in ordered}) == 1
@@ -405,6 +410,8 @@ def _dequantize_non_linear(det: Detection, report: Report) -> None:
         logical = layer.conf.get("orig_shape")  # GGUF: the payload is bytes, the conf holds the shape
         if not layer.quantized or runs_quantized(name, len(logical or layer.weight.shape)):
             continue
+        if comfy_algos.layer_native(layer):
+            raise comfy_algos.no_decoder_error(layer, "ComfyUI does not run this module as a Linear")
         if logical and len(logical) != 2:
             shape = tuple(int(s) for s in logical)
         else:
@@ -502,6 +509,8 @@ def _layer_entries(layer: Layer) -> list[Entry]:
     w = layer.weight
     if not layer.quantized:
         return [Entry(f"{n}.weight", w.shape, w.dtype, w.loader, n)]
+    if comfy_algos.kept_as_is(layer):  # ComfyUI's own algorithm: every tensor as the file has it
+        return comfy_algos.entries(layer, Entry)
     out = []
     conf = dict(layer.conf)
     if layer.format in ("float8_e4m3fn", "float8_e5m2"):

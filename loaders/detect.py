@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import WanquantError
-from . import grid_detect, lightx2v, nibble_order
+from . import comfy_algos, grid_detect, lightx2v, nibble_order
 from .header import load_json
 from .containers import TensorRef
 from .nvfp4_layout import BLOCKED, UNTAGGED_NVFP4, fitting_layouts
@@ -301,9 +301,8 @@ def _check_fp4_shapes(module, weight, ws, file) -> None:
 
 def _classify_comfy(module, weight, sides, others, conf, file, spelling=None) -> Layer:
     fmt = conf.get("format")
-    if fmt not in COMFY_FORMATS:
-        raise WanquantError("unknown quantization format", file=file, layer=module,
-                            expected=" / ".join(COMFY_FORMATS), found=repr(fmt))
+    if fmt not in COMFY_FORMATS or comfy_algos.native_only(conf) or "num_experts" in conf:
+        return comfy_algos.classify(module, weight, sides, others, conf, file)  # ComfyUI's own, untouched
     spelling = spelling or "comfy_quant (ComfyUI native)"
     if fmt == grid_detect.HYBRID_MXFP8:  # its MXFP8 part is exact; the fallback scalar is dropped
         conf, fmt, spelling = grid_detect.hybrid_mxfp8(module, conf, others, file)
@@ -379,8 +378,8 @@ def _classify_comfy(module, weight, sides, others, conf, file, spelling=None) ->
     if leftover:
         raise WanquantError(f"unexpected side tensor on a {fmt} layer", file=file, layer=module,
                             found=", ".join(sides[r].key for r in sorted(leftover)))
-    return Layer(module, fmt, spelling, weight, keep, dict(conf), others,
-                 scale_layout=layout if fmt == "nvfp4" else None)
+    return comfy_algos.check_pre_quant(Layer(module, fmt, spelling, weight, keep, dict(conf), others,
+                                             scale_layout=layout if fmt == "nvfp4" else None), file)
 
 
 def _grid(module, weight, sides, others, conf, file, spelling) -> Layer:

@@ -83,9 +83,6 @@ def classify(module: str, weight, scale, sides: dict, conf: dict | None, file: s
         raise WanquantError("weight scale must be a float tensor", file=file, layer=module,
                             expected="fp32/bf16/fp16 scale", found=f"{scale.dtype} ({scale.key})")
     tagged = (conf or {}).get("format")
-    if (conf or {}).get("convrot"):
-        raise WanquantError("int8 with a ConvRot rotation is not read by this reader", file=file, layer=module,
-                            expected="int8 without convrot", found=json.dumps(conf))
     if tagged in GRID_FORMATS:
         fmt = tagged
         _, kind = GRID_FORMATS[fmt]

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import WanquantError
 from ..ops.formats import comfy_quant_tensor, get_format
+from ..loaders import comfy_algos
 from ..loaders.canonical import CanonicalModel, Entry, load_canonical
 from .keys import LoraMatch, LoraPatch, lora_key_example, match_lora, read_lora
 from ..loaders.writer import check_destination, write_safetensors
@@ -167,7 +168,8 @@ def canonical_shapes(model: CanonicalModel) -> dict[str, tuple[int, ...]]:
     for name, layer in quant.items():
         we = model.entries[f"{name}.weight"]
         probe = {"weight": torch.empty(we.shape, dtype=we.dtype, device="meta")}
-        shapes[f"{name}.weight"] = tuple(get_format(layer.format).orig_shape(probe, layer.conf))
+        shapes[f"{name}.weight"] = (comfy_algos.logical_shape(layer) if comfy_algos.kept_as_is(layer)
+                                    else tuple(get_format(layer.format).orig_shape(probe, layer.conf)))
     return shapes
 
 
@@ -223,6 +225,9 @@ def plan_merge(model: CanonicalModel, grouped: dict[str, list[Applied]], *, stoc
     shapes = canonical_shapes(model)
     rewrite = {n: l for n, l in model.layers.items()
                if l.quantized and (f"{n}.weight" in grouped or l.format == "fp4_g32")}
+    for layer in rewrite.values():
+        if comfy_algos.layer_native(layer):  # decoding it here would drop e.g. its ConvRot rotation
+            raise comfy_algos.no_decoder_error(layer, "a LoRA cannot be merged into this layer")
     out: list[Entry] = []
     emitted: set[str] = set()
     for key, e in model.entries.items():

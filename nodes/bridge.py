@@ -103,6 +103,9 @@ def load_wan_model(path: str, base: str | None = None, policy: str = "auto", com
         raise WanquantError("unknown op policy", expected=" / ".join(policy_options()), found=policy)
     if compute_dtype not in COMPUTE_DTYPES:
         raise WanquantError("unknown compute dtype", expected=" / ".join(COMPUTE_DTYPES), found=compute_dtype)
+    from .comfy_native import publish
+
+    publish()  # comfy_quant algorithms newer than wanquant's table that this ComfyUI runs are kept
     with build_canonical(path, base, nibble_order, nvfp4_scale_layout, tensor_reader=comfy_mmap_reader) as model:
         return _build_patcher(model, path, base, policy, compute_dtype, nibble_order, nvfp4_scale_layout,
                               progress, disable_dynamic)
@@ -113,6 +116,9 @@ def _build_patcher(model: CanonicalModel, path, base, policy, compute_dtype, nib
     import comfy.model_management as mm
     import comfy.sd
 
+    from .comfy_native import gate_model
+
+    gate_model(model.layers, path)  # ComfyUI-only algorithms this ComfyUI lacks: one error, before loading
     keep, extras = split_extras(model)
     has_fp4 = any(l.format == "fp4_g32" for l in model.layers.values())
     load_device = mm.get_torch_device()

@@ -18,7 +18,10 @@ returns, so ComfyUI keeps doing what it does well: ``comfy_quant`` loading into
   into a ``QuantizedTensor`` with a wanquant layout, so LoRA and offloading work unchanged. A
   model saved from such layers does not load in vanilla ComfyUI.
 
-NVFP4/MXFP8 on SM >= 10 go through ComfyUI's own forward (kitchen kernels).
+NVFP4/MXFP8 on SM >= 10 go through ComfyUI's own forward (kitchen kernels), and so do the
+``comfy_quant`` algorithms wanquant has no decoder for (int8 + ConvRot, convrot_w4a4,
+asym_w4a8_int8, NVFP4 + pre_quant_scale: ``loaders/comfy_algos.py``), untouched, planned as
+``comfy_layout``; ``nodes/comfy_native.py`` refuses those the running ComfyUI does not load.
 """
 
 from __future__ import annotations
@@ -35,16 +38,18 @@ import comfy.ops
 from comfy.quant_ops import QuantizedTensor
 
 from ..errors import WanquantError
+from ..loaders import comfy_algos
 from ..loaders.grid_detect import GRID_FORMATS
-from ..ops.formats import (FP8_FORMATS, FP8_ROWWISE_FORMATS, comfy_quant_tensor, get_format, parse_comfy_quant,
+from ..ops.formats import (FORMAT_NAMES, FP8_FORMATS, FP8_ROWWISE_FORMATS, comfy_quant_tensor, get_format, parse_comfy_quant,
                            swap_nibbles)
 from ..ops.formats.fp4_g32 import check_canonical as check_fp4_canonical
 from ..ops.formats.gguf import BLOCKS, dequantize_bytes, is_gguf
 from ..ops.linear import linear_dequant, linear_fp8_scaled_mm
 from ..ops.linear_grid import linear_fp8_rowwise, linear_int8, requantize_fp8_to_int8
-from ..ops.policy import DENSE, DEQUANT, FP8_MATMUL, INT8_MATMUL, KITCHEN_MATMUL, OpsPlan
+from ..ops.policy import COMFY_LAYOUT, DENSE, DEQUANT, FP8_MATMUL, INT8_MATMUL, KITCHEN_MATMUL, OpsPlan, choose
 from ..ops.policy_grid import BLOCK_GRID_FORMATS
 
+from . import comfy_native
 from .gguf_layout import GGUF_LAYOUT, GGUFLayout
 
 log = logging.getLogger(__name__)
@@ -221,10 +226,14 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 raw = state_dict.get(f"{prefix}comfy_quant")
                 conf = parse_comfy_quant(raw) if raw is not None else None
                 fmt = conf.get("format") if conf else None
+                tensors = ("pre_quant_scale",) if f"{prefix}pre_quant_scale" in state_dict else ()
+                native = comfy_algos.native_only(conf, tensors)  # only ComfyUI's own layout runs it: handed over untouched
+                if native:
+                    comfy_native.gate(conf, tensors, layer=name)
                 if fmt == "fp4_g32":
                     self._load_fp4_g32(state_dict, prefix, local_metadata, strict, missing_keys,
                                        unexpected_keys, error_msgs, conf, name)
-                elif fmt in GRID_FORMATS:
+                elif fmt in GRID_FORMATS and not native:
                     self._wq_load_grid(state_dict, prefix, local_metadata, strict, missing_keys,
                                        unexpected_keys, error_msgs, conf, name)
                 elif is_gguf(fmt):
@@ -240,8 +249,17 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                                             found=str(fmt)) from exc
                 shape = (self.out_features, self.in_features)
                 weight = getattr(self, "weight", None)
-                choice = plan.decide(name, fmt, conf, shape, getattr(self, "input_scale", None) is not None,
-                                     None if fmt else (weight.dtype if weight is not None else None))
+                if native:
+                    note = ""
+                    if fmt in FORMAT_NAMES:  # e.g. NVFP4 + pre_quant_scale: its matmul gated as the format's
+                        base = choose(fmt, plan.caps, "auto", conf=conf, shape=shape, layer=name)
+                        self._full_precision_mm = base.path != KITCHEN_MATMUL
+                        note = f"{fmt} matmul: {base.reason}"
+                    choice = plan.comfy_layout(name, comfy_algos.algo_key(conf, tensors),
+                                               comfy_native.layout_name(conf), shape, note)
+                else:
+                    choice = plan.decide(name, fmt, conf, shape, getattr(self, "input_scale", None) is not None,
+                                         None if fmt else (weight.dtype if weight is not None else None))
                 self._wq_choice = choice
                 self._wq_name = name
                 self._wq_ran = set()  # paths this layer has executed (recorded once each)
@@ -249,7 +267,7 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 if choice.path == INT8_MATMUL and fmt in FP8_FORMATS:
                     self._wq_requant_int8(name)
                     self._wq_conf = dict(self._wq_conf, format="int8_tensorwise")
-                if fmt is not None:
+                if fmt is not None and not native:
                     # ComfyUI's own forward runs only the kitchen path; keep its flag consistent
                     self._full_precision_mm = choice.path != KITCHEN_MATMUL
 
@@ -390,7 +408,7 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 choice = self._wq_choice
                 fmt = getattr(self, "quant_format", None)
                 if (choice is None or fmt is None or getattr(self, "layout_type", None) is None
-                        or choice.path == KITCHEN_MATMUL or input.requires_grad
+                        or choice.path in (KITCHEN_MATMUL, COMFY_LAYOUT) or input.requires_grad
                         or getattr(self, "pre_quant_scale", None) is not None
                         or isinstance(input, QuantizedTensor)):
                     if choice is not None:
@@ -439,6 +457,8 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 if fmt is None or getattr(self, "layout_type", None) is None:
                     return DENSE, ""
                 why = self._wq_patched()
+                if self._wq_choice is not None and self._wq_choice.path == COMFY_LAYOUT:  # its own forward
+                    return COMFY_LAYOUT, why or ("dequantized by ComfyUI" if self._full_precision_mm else "")
                 if self._full_precision_mm:
                     return DEQUANT, why or "full-precision matmul for this layer"
                 if why or isinstance(input, QuantizedTensor):

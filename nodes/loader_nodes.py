@@ -217,7 +217,9 @@ class WanQuantInspect(io.ComfyNode):
     @classmethod
     def execute(cls, model_name, fp4_nibble_order="auto", nvfp4_scale_layout="auto"):
         from ..loaders.canonical import load_canonical
+        from .comfy_native import publish
 
+        publish()  # comfy_quant algorithms this ComfyUI runs are named, not refused
         with load_canonical(resolve(model_name), nibble_order=fp4_nibble_order,
                             nvfp4_scale_layout=nvfp4_scale_layout, collect_errors=True) as model:
             rep = model.report

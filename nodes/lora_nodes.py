@@ -39,6 +39,7 @@ from ..errors import WanquantError
 from ..lora.keys import LoraMatch, match_lora, read_lora
 from ..lora.merge import QUANT_SIDE_SUFFIXES, LoraWeightFunction, group_patches, total_delta
 from ..lora.side import LoraSide
+from ..ops.policy import COMFY_LAYOUT
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,8 @@ def _side_terms(module, target: str, items, name: str):
     route: only low-rank patches on the weight and bias diffs fit ``y += s·(x·Aᵀ)·Bᵀ + s·diff_b``."""
     if not hasattr(type(module), SIDE_ATTR):
         return None
+    if getattr(getattr(module, "_wq_choice", None), "path", None) == COMFY_LAYOUT:
+        return None  # ComfyUI's own layout: ComfyUI may call it past our forward (Wan FFN int8), so its route
     role = target.rsplit(".", 1)[-1]
     if role == "weight" and all(p.kind == "lora" for p, _ in items):
         return [LoraSide.term(name, s, up=p.up, down=p.down, scale=p.scale) for p, s in items]

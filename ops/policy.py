@@ -27,7 +27,9 @@ from .formats._common import kitchen, kitchen_gpu_ops
 log = logging.getLogger(__name__)
 
 DENSE, DEQUANT, FP8_MATMUL, KITCHEN_MATMUL = "dense", "dequant", "fp8_matmul", "kitchen_matmul"
-PATHS = (DENSE, DEQUANT, FP8_MATMUL, KITCHEN_MATMUL, INT8_MATMUL)
+#: a comfy_quant algorithm only ComfyUI's own layout runs (loaders/comfy_algos.py): its forward, untouched
+COMFY_LAYOUT = "comfy_layout"
+PATHS = (DENSE, DEQUANT, FP8_MATMUL, KITCHEN_MATMUL, INT8_MATMUL, COMFY_LAYOUT)
 
 #: user options: "auto" decides per layer; the others force a path where it applies
 OPTIONS = ("auto", DEQUANT, FP8_MATMUL, KITCHEN_MATMUL, INT8_MATMUL)
@@ -213,6 +215,8 @@ class Choice:
             return f"{fmt} dequantized to {cd}"
         if self.path == KITCHEN_MATMUL:
             return f"{fmt} tensor-core matmul (comfy-kitchen)"
+        if self.path == COMFY_LAYOUT:
+            return f"{fmt} in ComfyUI's own layout"
         if self.path == INT8_MATMUL:
             return f"int8 matmul (torch._int_mm, per-token activations{', re-quantized from ' + fmt if fmt in FP8_FORMATS else ''})"
         return cd
@@ -447,6 +451,13 @@ class OpsPlan:
                has_input_scale: bool = False, dtype=None) -> Choice:
         ch = choose(fmt, self.caps, self.option, conf=conf, shape=shape, has_input_scale=has_input_scale, layer=name)
         self.layers[name] = LayerChoice(name, fmt, ch, tuple(shape) if shape is not None else None, dtype)
+        return ch
+
+    def comfy_layout(self, name: str, fmt: str, layout: str, shape=None, note: str = "") -> Choice:
+        """Plan a layer that runs in ComfyUI's own ``layout`` (no policy choice: wanquant has no decoder)."""
+        ch = Choice(COMFY_LAYOUT, f"ComfyUI's own {layout}; wanquant has no decoder for this comfy_quant algorithm"
+                    + (f"; {note}" if note else ""))
+        self.layers[name] = LayerChoice(name, fmt, ch, tuple(shape) if shape is not None else None, None)
         return ch
 
     def finalize(self) -> OpsPlan:

@@ -40,6 +40,8 @@ NAMES: dict[str, Use] = {
     "comfy.ops.uncast_bias_weight": Use(4),
     "comfy.ops.run_every_op": Use(0),
     "comfy.quant_ops.QuantizedTensor": Use(3),
+    "comfy.quant_ops.QUANT_ALGOS.get": Use(2),  # nodes/comfy_native.py: what the running ComfyUI loads
+    "comfy.quant_ops.get_layout_class": Use(1),
     "comfy.model_management.get_torch_device": Use(0),
     "comfy.model_management.unet_manual_cast": Use(3),
     "comfy.model_management.cast_to_device": Use(3),

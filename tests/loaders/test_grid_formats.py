@@ -81,8 +81,8 @@ BAD = {
     "zero scale": (lambda q: q[f"{LAYER}.weight_scale"].__setitem__((0, 0), 0.0), "invalid weight scale"),
     "int8 without scale": (lambda q: q.pop(f"{LAYER}.weight_scale"), "int8 weight without a scale"),
     "calibrated input scale": (lambda q: q.__setitem__(f"{LAYER}.input_scale", torch.tensor(0.02)), "dynamic activation"),
-    "convrot": (lambda q: q.__setitem__(f"{LAYER}.comfy_quant", syn.comfy_quant_bytes(
-        {"format": "int8_tensorwise", "convrot": True})), "ConvRot"),
+    "convrot group size": (lambda q: q.__setitem__(f"{LAYER}.comfy_quant", syn.comfy_quant_bytes(
+        {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 48})), "power of 4"),
 }
 
 

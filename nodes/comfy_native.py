@@ -1,0 +1,61 @@
+"""Which ``comfy_quant`` algorithms the running ComfyUI loads (feature detection, not version
+numbers), and the load-time gate for layers only ComfyUI's own layout runs.
+
+A file may carry algorithms newer than wanquant (``loaders/comfy_algos.py``); the truth about
+whether this ComfyUI can run them is its own ``comfy.quant_ops.QUANT_ALGOS`` (and, for int8 with a
+ConvRot rotation, whether its int8 layout has the ``convrot`` parameter). Such layers go to
+ComfyUI untouched; any other gets one ``WanquantError`` naming the ComfyUI release that adds it
+before a tensor is loaded, instead of a ``KeyError`` from inside ComfyUI's loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import comfy.quant_ops
+
+from ..loaders import comfy_algos
+
+
+def running_algos() -> frozenset[str]:
+    """Table keys (loaders/comfy_algos.py) the running ComfyUI loads."""
+    algos = comfy.quant_ops.QUANT_ALGOS
+    names = set(algos)
+    if "int8_tensorwise" in algos:
+        params = getattr(comfy.quant_ops.get_layout_class(algos["int8_tensorwise"]["comfy_tensor_layout"]),
+                         "Params", None)
+        if params is not None and dataclasses.is_dataclass(params) and \
+                "convrot" in {f.name for f in dataclasses.fields(params)}:
+            names.add(comfy_algos.CONVROT)
+    if "pre_quant_scale" in algos.get("nvfp4", {}).get("parameters", ()):
+        names.add(comfy_algos.PRE_QUANT)
+    return frozenset(names)
+
+
+def publish() -> frozenset[str]:
+    """Tell the loaders what this ComfyUI runs, so an algorithm newer than wanquant's table is kept."""
+    names = running_algos()
+    comfy_algos.publish_running(names)
+    return names
+
+
+def layout_name(conf: dict) -> str:
+    """The ComfyUI layout class that will hold a layer of ``conf`` (for the report)."""
+    entry = comfy.quant_ops.QUANT_ALGOS.get(conf.get("format"), {})
+    return entry.get("comfy_tensor_layout", f"layout for {conf.get('format')}")
+
+
+def gate(conf: dict, tensors=(), *, file: str | None = None, layer: str | None = None) -> None:
+    """Raise the one error for a ComfyUI-only layer this ComfyUI cannot load."""
+    if comfy_algos.algo_key(conf, tensors) not in running_algos():
+        raise comfy_algos.unknown_error(conf, file=file, layer=layer, in_comfyui=True, tensors=tensors)
+
+
+def gate_model(layers: dict, file: str) -> None:
+    """``gate`` every ComfyUI-only layer of a canonical model, first failure raised."""
+    for name, layer in layers.items():
+        if comfy_algos.layer_native(layer):
+            gate(layer.conf, {**layer.sides, **layer.others}, file=file, layer=name)
+
+
+__all__ = ["running_algos", "publish", "gate", "gate_model", "layout_name"]
