@@ -363,6 +363,16 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                         {"format": self.quant_format, "orig_shape": [self.out_features, self.in_features]})
                 return sd
 
+            def _wq_planned_path(self) -> str:
+                """The path this layer was planned to run, as the LoRA report names it beside the side
+                path ("fp8_matmul rowwise" for row-wise scales); the plan's ``executed`` says what ran."""
+                choice = self._wq_choice
+                if choice is None:
+                    return DENSE
+                if choice.path == FP8_MATMUL and getattr(self, "quant_format", None) in FP8_ROWWISE_FORMATS:
+                    return f"{FP8_MATMUL} rowwise"
+                return choice.path
+
             def _wq_record(self, path, why=""):
                 """Note the path this layer really ran, once per path (the report's ground truth)."""
                 if path not in self._wq_ran:
