@@ -16,6 +16,7 @@ decoder for GGUF) plus the exact low-rank delta ``s·(alpha/rank)·x·(up@down)�
 * ComfyUI lowvram partial loading (a budget that leaves some block layers resident, some
   offloaded) gives bit-identical outputs for int8 and GGUF.
 * The report names the path each LoRA'd layer keeps (int8_matmul / fp8_matmul row-wise / dequant).
+* ComfyUI's own LoraLoader on GGUF layers (kept dense, exact) composes with the side path.
 * ``merge`` mode: int8 / row-wise / grid layers are requantized in their own format by ComfyUI
   (checked against the fp64 reference within the requantization error); GGUF is refused up front
   with one WanquantError naming the layer, the format and what to do.
@@ -367,3 +368,26 @@ def test_merge_mode_refuses_gguf_naming_layer_and_format(comfy_inprocess, tmp_pa
     assert base.patches == {} and base.object_patches == {}
     fly, _ = _apply(base, f, 1.0, "on the fly")  # the way it names works
     assert f"diffusion_model.{LAYER}.wanquant_lora" in fly.object_patches
+
+
+def test_core_lora_loader_on_gguf_layers_plus_our_side_path(comfy_inprocess, tmp_path):
+    """ComfyUI's own LoraLoader patches a GGUF layer (dequantize -> add; wanquant cannot re-quantize
+    GGUF, so the patched weight stays dense) and our side path adds on top: exact to fp32."""
+    import comfy.sd
+
+    sd, deq, base = _model(tmp_path, "gguf", seed=10)
+    ours, theirs = _lora_def(sd, 61), _lora_def(sd, 62)
+    del theirs[LAYER]["diff_b"]
+    f = syn.save(render_lora(ours, "comfy"), tmp_path / "ours.safetensors")
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        core, _ = comfy.sd.load_lora_for_models(base, None, render_lora(theirs, "comfy"), 0.5, 0.0)
+    both, _ = _apply(core, f, 0.7)
+    y, _ = _layer_out(both, x)
+    with torch.inference_mode():  # as ComfyUI does it (unpatching outside inference mode breaks any QuantizedTensor)
+        both.unpatch_model()
+    want = _full64(sd, deq, [(ours, 0.7)], LAYER, x) + 0.5 * (x.double() @ _delta_w64([(theirs, 1.0)], LAYER).T)
+    assert _rel(y, want) < 1e-5
+    y0, _ = _layer_out(base, x)  # unpatched: the GGUF blocks are back
+    assert _rel(y0, _full64(sd, deq, [], LAYER, x)) < 1e-5
+    assert type(base.model.diffusion_model.get_submodule(LAYER).weight).__name__ == "QuantizedTensor"
