@@ -171,7 +171,8 @@ def _refuse_unmergeable(grouped, formats: dict[str, str], lora_path: str) -> Non
             raise WanquantError(f"cannot merge a LoRA into a {fmt} layer: wanquant reads GGUF but cannot "
                                 f"re-quantize it", file=lora_path, layer=target,
                                 expected="mode 'on the fly' (the LoRA runs beside the layer, no re-quantization), "
-                                         "or convert the model first (wanquant convert MODEL --to float8_e4m3fn)",
+                                         "or convert the model first (wanquant convert MODEL OUT.safetensors "
+                                         "--to float8_e4m3fn)",
                                 found=f"mode 'merge' on {fmt}")
 
 
