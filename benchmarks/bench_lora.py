@@ -27,6 +27,9 @@ path alone (``linear_fp8_scaled_mm``), the fp8 path plus a rank-64 LoRA on the l
 handling of the same LoRA on the same fp8 layer (its weight function: dequantize, add
 ``calculate_weight``'s LoRA delta, dense matmul; wanquant's dequantize + addmm stand-in when ComfyUI
 is not importable). Ratios are to the fp8 path alone, from one run (target on GPU: side ≤ 1.1×).
+The same table has the int8 W8A8 path (``linear_int8``: per-token int8 activations, ``torch._int_mm``,
+per-channel int8 weight) alone and with the same rank-64 LoRA on the side path, as a ratio to int8
+alone (on CPU too: ``_int_mm`` has a native CPU kernel).
 """
 
 from __future__ import annotations
@@ -156,7 +159,9 @@ def run(blocks: int, formats: list[str], strength: float, reps: int = 3, linears
 def run_forward(tokens: int, reps: int, device: str) -> list[dict]:
     """Seconds per forward (median) of fp8 alone / fp8 + side path / ComfyUI's weight-function LoRA."""
     from wanquant.lora.side import LoraSide
+    from wanquant.ops.formats import get_format
     from wanquant.ops.linear import linear_fp8_scaled_mm
+    from wanquant.ops.linear_grid import linear_int8
 
     comfy = _comfy()
     dt = torch.bfloat16 if device == "cuda" else torch.float32
@@ -172,12 +177,19 @@ def run_forward(tokens: int, reps: int, device: str) -> list[dict]:
         down = torch.randn(RANK, k, generator=g)
         side = LoraSide([LoraSide.term("bench", 1.0, up=up, down=down)])
         x = torch.randn(tokens, k, generator=g).to(device, dt)
+        i8, i8s = (t.to(device) for t in get_format("int8_tensorwise").quantize(w)[0].values())  # per channel
 
         def fp8():
             return linear_fp8_scaled_mm(x, w8, sc)
 
         def fp8_side():
             return side.apply(x, linear_fp8_scaled_mm(x, w8, sc), owns_y=True)
+
+        def int8():
+            return linear_int8(x, i8, i8s)
+
+        def int8_side():
+            return side.apply(x, linear_int8(x, i8, i8s), owns_y=True)
 
         if comfy is not None:
             lora_mod, QT, LoRAAdapter = comfy
@@ -196,7 +208,8 @@ def run_forward(tokens: int, reps: int, device: str) -> list[dict]:
 
         row = {"shape": f"{n}x{k}", "tokens": tokens}
         with torch.inference_mode():
-            for name, fn in (("fp8", fp8), ("fp8_side", fp8_side), ("comfy_fly", comfy_fly)):
+            for name, fn in (("fp8", fp8), ("fp8_side", fp8_side), ("comfy_fly", comfy_fly), ("int8", int8),
+                             ("int8_side", int8_side)):
                 fn()
                 sync()
 
@@ -215,11 +228,14 @@ def main_forward(a) -> int:
     tokens = 512 if a.quick else a.tokens
     reps = 1 if a.quick else max(3, a.reps)
     print(f"forward, M = {tokens} tokens, rank-{RANK} LoRA, {device}, median of {reps}, torch {torch.__version__}")
-    print(f"{'shape N x K':<14}{'fp8 ms':>9}{'fp8+side ms':>12}{'ComfyUI ms':>11}{'side/fp8':>9}{'ComfyUI/fp8':>12}")
+    print(f"{'shape N x K':<14}{'fp8 ms':>9}{'fp8+side ms':>12}{'ComfyUI ms':>11}{'side/fp8':>9}{'ComfyUI/fp8':>12}"
+          f"{'int8 ms':>9}{'int8+side ms':>13}{'side/int8':>10}")
     for r in run_forward(tokens, reps, device):
         print(f"{r['shape']:<14}{r['fp8'] * 1e3:9.1f}{r['fp8_side'] * 1e3:12.1f}{r['comfy_fly'] * 1e3:11.1f}"
-              f"{r['fp8_side'] / r['fp8']:9.2f}{r['comfy_fly'] / r['fp8']:12.2f}")
-    print("ComfyUI = its on-the-fly LoRA on the same fp8 layer (dequantize + LoRA delta + dense matmul).")
+              f"{r['fp8_side'] / r['fp8']:9.2f}{r['comfy_fly'] / r['fp8']:12.2f}"
+              f"{r['int8'] * 1e3:9.1f}{r['int8_side'] * 1e3:13.1f}{r['int8_side'] / r['int8']:10.2f}")
+    print("ComfyUI = its on-the-fly LoRA on the same fp8 layer (dequantize + LoRA delta + dense matmul). "
+          "int8 = W8A8 torch._int_mm (per-token activations, per-channel weight).")
     return 0
 
 

@@ -27,6 +27,7 @@ import torch
 from ..errors import WanquantError
 from ..ops.formats import comfy_quant_tensor, get_format
 from ..loaders import comfy_algos
+from ..ops.formats.gguf import is_gguf
 from ..loaders.canonical import CanonicalModel, Entry, load_canonical
 from .keys import LoraMatch, LoraPatch, lora_key_example, match_lora, read_lora
 from ..loaders.writer import check_destination, write_safetensors
@@ -255,6 +256,16 @@ def _plain_loader(e: Entry, items: list[Applied], stats: MergeStats) -> Callable
     return load
 
 
+def _same_grid_conf(model: CanonicalModel, layer) -> dict:
+    """The conf that requantizes ``layer`` onto its own scale grid: an int8_tensorwise file may hold
+    one scale per tensor or per row under the same comfy_quant, and the output's header is planned
+    from the source's shapes, so a per-tensor layer must stay per tensor."""
+    se = model.entries.get(f"{layer.name}.weight_scale")
+    if layer.format == "int8_tensorwise" and se is not None and math.prod(se.shape) == 1:
+        return {**layer.conf, "per_tensor": True}
+    return layer.conf
+
+
 def _layer_entries(model: CanonicalModel, layer, items: list[Applied], shape: tuple[int, ...], target: str,
                    stochastic: bool, stats: MergeStats, measure: bool) -> list[Entry]:
     """The entries of one rewritten quantized layer, all fed from one merge done on first use."""
@@ -297,7 +308,7 @@ def _layer_entries(model: CanonicalModel, layer, items: list[Applied], shape: tu
             fmt = get_format(target)
             gen = torch.Generator(device=merged.device).manual_seed(comfy_seed(key))
             new, conf = fmt.quantize(merged, generator=gen, stochastic=stochastic and patched,
-                                     conf=layer.conf if same else None)
+                                     conf=_same_grid_conf(model, layer) if same else None)
             if same:
                 new["comfy_quant"] = comfy_quant_tensor({**layer.conf, **conf})
                 conf = {**layer.conf, **conf}
@@ -333,6 +344,21 @@ def _layer_entries(model: CanonicalModel, layer, items: list[Applied], shape: tu
         return load
 
     return [Entry(f"{name}.{s}", tuple(shp), dt, loader(s, shp, dt), name) for s, shp, dt in planned]
+
+
+def _refuse_gguf(model: CanonicalModel, grouped: dict[str, list[Applied]], model_path) -> None:
+    """GGUF layers can be read but not written: refused before anything is written (naming a
+    LoRA-patched GGUF layer when there is one), with the two ways that do work."""
+    gguf = [n for n, l in model.layers.items() if l.quantized and is_gguf(l.format)]
+    if not gguf:
+        return
+    name = next((n for n in gguf if f"{n}.weight" in grouped), gguf[0])
+    raise WanquantError("merge-lora cannot write GGUF layers (wanquant reads GGUF, it does not re-quantize it)",
+                        file=str(model_path), layer=name,
+                        expected="convert the model first (wanquant convert MODEL OUT.safetensors --to "
+                                 "float8_e4m3fn), then merge into OUT; or apply the LoRA on the fly in ComfyUI "
+                                 "(Apply LoRA (quantized Wan), mode 'on the fly')",
+                        found=f"{model.layers[name].format} ({len(gguf)} GGUF layers)")
 
 
 @dataclass
@@ -395,8 +421,10 @@ def _merge(model: CanonicalModel, model_path, loras, dst, stochastic, allow_unma
             raise WanquantError(f"{len(m.unmatched)} LoRA keys do not match the model (drop --strict to merge the matching keys anyway)",
                                 file=str(path), layer=m.unmatched[0][0], found=m.unmatched[0][1])
         matches.append(m)
+    grouped = group_patches(matches)
+    _refuse_gguf(model, grouped, model_path)
     stats = MergeStats(rounding="stochastic" if stochastic else "nearest")
-    entries = plan_merge(model, group_patches(matches), stochastic=stochastic, stats=stats, fp4_to=fp4_to)
+    entries = plan_merge(model, grouped, stochastic=stochastic, stats=stats, fp4_to=fp4_to)
     meta = dict(model.metadata)
     meta["format"] = "pt"
     meta["wanquant"] = json.dumps({"source": str(model_path), "variant": model.report.variant,

@@ -369,6 +369,19 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                     if f"{prefix}{key}" in missing_keys:
                         missing_keys.remove(f"{prefix}{key}")
 
+            def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+                """A weight ComfyUI patched (its own LoRA loader, merged at load) on a GGUF layer stays
+                dense in the layer's dtype: wanquant cannot re-encode GGUF blocks, and requantizing
+                would raise mid-load. ComfyUI's unpatch restores the blocks from its backup."""
+                if getattr(self, "layout_type", None) == GGUF_LAYOUT and isinstance(self.weight, QuantizedTensor):
+                    dense = weight.to(self.weight._params.orig_dtype or weight.dtype)
+                    if return_weight:
+                        return dense
+                    self.weight = torch.nn.Parameter(dense, requires_grad=False)
+                    return None
+                return super().set_weight(weight, inplace_update=inplace_update, seed=seed,
+                                          return_weight=return_weight, **kwargs)
+
             def state_dict(self, *args, destination=None, prefix="", **kwargs):
                 sd = super().state_dict(*args, destination=destination, prefix=prefix, **kwargs)
                 if getattr(self, "quant_format", None) == "fp4_g32":
@@ -376,10 +389,20 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 elif getattr(self, "layout_type", None) == GRID_LAYOUT:
                     p = self.weight._params
                     sd[f"{prefix}comfy_quant"] = comfy_quant_tensor(ScaleGridLayout._wq_conf(p.fmt, p.block))
-                elif is_gguf(getattr(self, "quant_format", None)):
+                elif is_gguf(getattr(self, "quant_format", None)) and isinstance(self.weight, QuantizedTensor):
                     sd[f"{prefix}comfy_quant"] = comfy_quant_tensor(
                         {"format": self.quant_format, "orig_shape": [self.out_features, self.in_features]})
                 return sd
+
+            def _wq_planned_path(self) -> str:
+                """The path this layer was planned to run, as the LoRA report names it beside the side
+                path ("fp8_matmul rowwise" for row-wise scales); the plan's ``executed`` says what ran."""
+                choice = self._wq_choice
+                if choice is None:
+                    return DENSE
+                if choice.path == FP8_MATMUL and getattr(self, "quant_format", None) in FP8_ROWWISE_FORMATS:
+                    return f"{FP8_MATMUL} rowwise"
+                return choice.path
 
             def _wq_record(self, path, why=""):
                 """Note the path this layer really ran, once per path (the report's ground truth)."""

@@ -5,8 +5,8 @@ ComfyUI's loader knows no GGUF format, so the bridge loads such a layer itself (
 on CPU) and whose params carry the GGML type and the logical shape. Offloading, device moves and
 ``state_dict`` then work through ComfyUI unchanged, and the forward decodes the blocks into the
 activations' dtype per call (city96's loader does the same). wanquant does not write GGUF, so a
-weight patched into such a layer is kept dense (``quantize`` refuses, ComfyUI's LoRA on-the-fly
-path dequantizes instead).
+weight ComfyUI patches into such a layer (its own LoRA loader) is kept dense by the bridge's
+``set_weight`` until unpatched (``quantize`` refuses); the LoRA node runs LoRAs beside the layer.
 """
 
 from __future__ import annotations

@@ -101,6 +101,8 @@ def apply_lora(model, lora_path: str, strength: float, mode: str = "merge"):
     shapes, formats = model_shapes(model)
     match = match_lora(lora, shapes, strength=strength, mode=mode)
     grouped = group_patches([match])
+    if mode == "merge" and strength != 0.0:
+        _refuse_unmergeable(grouped, formats, lora_path)
     composed = sum(1 for t in grouped if PREFIX + t in model.patches or PREFIX + t in model.object_patches
                    or PREFIX + t in getattr(model, "weight_wrapper_patches", {})
                    or f"{PREFIX}{t.rsplit('.', 1)[0]}.{SIDE_ATTR}" in model.object_patches)
@@ -108,6 +110,7 @@ def apply_lora(model, lora_path: str, strength: float, mode: str = "merge"):
     wrapped = objects = 0
     routes: dict[str, list[str]] = {"side path": [], "weight function": [], "merge (ComfyUI patch)": [], "object patch": []}
     sides: dict[str, list] = {}  # module → side terms (on the fly, our Linear layers)
+    beside: Counter = Counter()  # the planned path of each layer given a side path (the report names it)
     rounds: list[dict[str, object]] = []  # one dict per patch index, so two patches on one key both land
     for target, items in grouped.items() if strength != 0.0 else ():
         key = PREFIX + target
@@ -127,7 +130,10 @@ def apply_lora(model, lora_path: str, strength: float, mode: str = "merge"):
                 module = None
         terms = _side_terms(module, target, items, lora.name) if module is not None else None
         if terms is not None:
-            sides.setdefault(target.rsplit(".", 1)[0], []).extend(terms)
+            name = target.rsplit(".", 1)[0]
+            if name not in sides:
+                beside[module._wq_planned_path()] += 1
+            sides.setdefault(name, []).extend(terms)
             routes["side path"].append(target)
             continue
         if module is not None and hasattr(module, "weight_function"):
@@ -150,7 +156,25 @@ def apply_lora(model, lora_path: str, strength: float, mode: str = "merge"):
         if missing:  # cannot happen for keys taken from the model's own state dict; never silent
             raise WanquantError("ComfyUI did not accept every mapped LoRA key", layer=missing[0],
                                 found=f"{len(missing)} keys not in the model's state dict")
-    return new, report_text(match, formats, wrapped, composed, objects, routes)
+    return new, report_text(match, formats, wrapped, composed, objects, routes, beside)
+
+
+#: GGUF layers have no requantizer in wanquant (nodes.gguf_layout), so ComfyUI's merge would fail at load
+_UNMERGEABLE = ("gguf_",)
+
+
+def _refuse_unmergeable(grouped, formats: dict[str, str], lora_path: str) -> None:
+    """``merge`` on a layer whose format cannot be re-encoded: one clear error now, not a failure
+    inside ComfyUI's model load later (which would name neither the layer nor the way out)."""
+    for target in sorted(grouped):
+        fmt = formats.get(target, "")
+        if fmt.startswith(_UNMERGEABLE):
+            raise WanquantError(f"cannot merge a LoRA into a {fmt} layer: wanquant reads GGUF but cannot "
+                                f"re-quantize it", file=lora_path, layer=target,
+                                expected="mode 'on the fly' (the LoRA runs beside the layer, no re-quantization), "
+                                         "or convert the model first (wanquant convert MODEL OUT.safetensors "
+                                         "--to float8_e4m3fn)",
+                                found=f"mode 'merge' on {fmt}")
 
 
 def _side_terms(module, target: str, items, name: str):
@@ -191,8 +215,17 @@ def _owned_by_container(model, key: str) -> bool:
     return isinstance(owner, torch.nn.Module) and any(True for c in owner.children() for _ in c.parameters())
 
 
+#: how the report names the path a layer keeps beside its side path (nodes.comfy_ops' _wq_planned_path)
+PATH_LABELS = {"int8_matmul": "int8_matmul (W8A8, torch._int_mm)",
+               "fp8_matmul": "fp8_matmul (per-tensor scale, torch._scaled_mm)",
+               "fp8_matmul rowwise": "fp8_matmul (row-wise scales, torch._scaled_mm)",
+               "kitchen_matmul": "kitchen_matmul (comfy-kitchen NVFP4/MXFP8 kernels)",
+               "dequant": "dequant (weight decoded per forward)",
+               "dense": "dense (high-precision weight)"}
+
+
 def report_text(match: LoraMatch, formats: dict[str, str], wrapped: int, composed: int, objects: int = 0,
-                routes: dict[str, list[str]] | None = None) -> str:
+                routes: dict[str, list[str]] | None = None, beside: Counter | None = None) -> str:
     q = Counter(formats.get(t, "high precision") for t in {p.target for p in match.patches})
     lines = [match.text(), "  targets: " + ", ".join(f"{n} {f}" for f, n in sorted(q.items()))]
     if match.strength == 0.0:
@@ -209,8 +242,11 @@ def report_text(match: LoraMatch, formats: dict[str, str], wrapped: int, compose
     else:
         side = len((routes or {}).get("side path", ()))
         lines.append(f"  on the fly: the quantized weights stay untouched; {side} parameters on the low-rank side path "
-                     f"(y += s·(x·Aᵀ)·Bᵀ beside the layer: its fast quantized kernel stays on), {wrapped} as weight "
+                     f"(y += s·(x·Aᵀ)·Bᵀ beside the layer, which keeps its own path), {wrapped} as weight "
                      f"functions (added after dequantization: those layers leave the quantized fast path)")
+        if beside:
+            lines.append("  side path beside (each layer's planned path; the loader's report says what ran): "
+                         + ", ".join(f"{PATH_LABELS.get(p, p)} {n}" for p, n in sorted(beside.items())))
     for route, targets in (routes or {}).items():
         if targets:
             shown = sorted(targets)
