@@ -77,3 +77,34 @@ def test_gguf_wan_loads_and_samples_with_dequant(comfy_inprocess, tmp_path, dtyp
     ref = denoise(ref_patcher)
     rel = float((out - ref).norm() / ref.norm())
     assert rel < (1e-4 if dtype == "auto" else 3e-2), rel
+
+
+@pytest.mark.parametrize("to", ["bf16", "float8_e4m3fn"])
+def test_converted_gguf_loads_in_stock_comfyui(comfy_inprocess, tmp_path, to):
+    """``wanquant convert`` of a GGUF Wan file (every block type) gives a file *stock* ComfyUI loads
+    (its own load_diffusion_model, no wanquant ops) and that denoises like ComfyUI's fp32 model of
+    gguf-py's decode, within the re-encoding error convert reports."""
+    import comfy.sd
+
+    from wanquant.loaders.convert import convert
+
+    sd = tiny_wan(seed=4)
+    linears = [k for k, v in sd.items() if k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2]
+    types = {k: recipe.ALL_TYPES[i % len(recipe.ALL_TYPES)] for i, k in enumerate(linears)}
+    src = tmp_path / "wan_tiny.gguf"
+    recipe.write_wan_gguf(src, sd, types, seed=2)
+    dst = tmp_path / f"wan_tiny_{to}.safetensors"
+    res = convert(src, dst, to=to)
+    assert set(res.fp4_errors) == {k[: -len(".weight")] for k in types}  # every GGUF layer re-encoded, reported
+    worst = max(res.fp4_errors.values())
+    with torch.inference_mode():
+        stock = comfy.sd.load_diffusion_model(str(dst))
+        ref_patcher = comfy.sd.load_diffusion_model_state_dict(_reference(src), model_options={"dtype": torch.float32})
+    if to == "float8_e4m3fn":
+        layer = stock.model.diffusion_model.get_submodule(linears[0][: -len(".weight")])
+        assert type(layer.weight).__name__ == "QuantizedTensor"
+    out, want = denoise(stock), denoise(ref_patcher)
+    rel = float((out - want).norm() / want.norm())
+    # the output error stays within twice the largest per-layer weight error convert reported
+    # (bf16 ~2e-3, per-tensor fp8 ~3e-2 on these random weights)
+    assert rel < 2 * worst, (to, rel, worst)
