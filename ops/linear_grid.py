@@ -19,18 +19,11 @@ import torch
 
 from ..errors import WanquantError
 from .formats._common import E4M3_MAX
+from .linear import _pad_to
 
 _MIN_SCALE = 1e-12
 #: counts kernel launches per path (tests and benchmarks read it to prove the fast path ran)
 CALLS = {"fp8_rowwise": 0, "int8": 0}
-
-
-def _pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    if tuple(t.shape) == (rows, cols):
-        return t
-    out = torch.zeros((rows, cols), dtype=t.dtype, device=t.device)
-    out[: t.shape[0], : t.shape[1]] = t
-    return out
 
 
 def _r(n: int, m: int) -> int:
@@ -74,10 +67,10 @@ def linear_fp8_rowwise(x, weight, weight_scale, bias=None, *, out_dtype=None):
     sb = _row_scale(weight_scale, n, x.device)
     kp, np_ = _r(k, 16), _r(n, 16)
     if kp != k:
-        qx = _pad(qx, m, kp)
-    w = _pad(weight, np_, kp)
+        qx = _pad_to(qx, m, kp)
+    w = _pad_to(weight, np_, kp)
     if np_ != n:
-        sb = _pad(sb, 1, np_)
+        sb = _pad_to(sb, 1, np_)
     if m == 0:
         return torch.zeros((*lead, n), dtype=out_dtype, device=x.device)
     CALLS["fp8_rowwise"] += 1
@@ -104,8 +97,8 @@ def linear_int8(x, weight, weight_scale, bias=None, *, out_dtype=None):
     qx, sx = quantize_int8_per_token(x2d)
     kp, np_ = _r(k, 8), _r(n, 8)
     mp = max(m, 17) if x.is_cuda else m
-    qx = _pad(qx, mp, kp)
-    w = _pad(weight, np_, kp)
+    qx = _pad_to(qx, mp, kp)
+    w = _pad_to(weight, np_, kp)
     CALLS["int8"] += 1
     acc = torch._int_mm(qx, w.t())[:m, :n]
     y = acc.to(torch.float32).mul_(sx).mul_(_row_scale(weight_scale, n, x.device))
