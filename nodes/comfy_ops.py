@@ -292,9 +292,16 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 self.quant_format = fmt
                 self.layout_type = GRID_LAYOUT
                 self._wq_set_grid(w.to(device=device), s.to(device=device, dtype=torch.float32), fmt, block)
+                self._wq_load_rest(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                   error_msgs, ("weight", "weight_scale", "comfy_quant"))
+
+            def _wq_load_rest(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs, taken):
+                """Bias and anything else through torch's own loader; the quantized tensors this layer
+                already took (``taken``) are not reported missing."""
                 torch.nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                                                       missing_keys, unexpected_keys, error_msgs)
-                for key in ("weight", "weight_scale", "comfy_quant"):
+                for key in taken:
                     if f"{prefix}{key}" in missing_keys:
                         missing_keys.remove(f"{prefix}{key}")
 
@@ -336,11 +343,8 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                                              hi_first=name not in WanquantOps.wanquant_low_first)
                 self.weight = torch.nn.Parameter(QuantizedTensor(w.to(device=device, dtype=torch.uint8),
                                                                  FP4G32_LAYOUT, params), requires_grad=False)
-                torch.nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
-                                                      missing_keys, unexpected_keys, error_msgs)
-                for key in ("weight", "weight_scale", "comfy_quant"):
-                    if f"{prefix}{key}" in missing_keys:
-                        missing_keys.remove(f"{prefix}{key}")
+                self._wq_load_rest(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                   error_msgs, ("weight", "weight_scale", "comfy_quant"))
 
             def _wq_load_gguf(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs, conf, name):
@@ -363,11 +367,8 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                                            qtype=fmt.qtype)
                 self.weight = torch.nn.Parameter(QuantizedTensor(w.to(device=self.factory_kwargs["device"]),
                                                                  GGUF_LAYOUT, params), requires_grad=False)
-                torch.nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
-                                                      missing_keys, unexpected_keys, error_msgs)
-                for key in ("weight", "comfy_quant"):
-                    if f"{prefix}{key}" in missing_keys:
-                        missing_keys.remove(f"{prefix}{key}")
+                self._wq_load_rest(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                   error_msgs, ("weight", "comfy_quant"))
 
             def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
                 """A weight ComfyUI patched (its own LoRA loader, merged at load) on a GGUF layer stays
