@@ -251,6 +251,15 @@ def validate_option(option: str, device=None) -> str:
     return opt
 
 
+def forced_fp8_matmul(c: DeviceCaps, layer: str | None) -> str:
+    """Why option ``fp8_matmul`` can run on ``c``; one ``WanquantError`` for the layer where it cannot."""
+    ok, why = fp8_matmul_possible(c)
+    if not ok:
+        raise WanquantError(f"forced fp8_matmul cannot run here: {why}", layer=layer,
+                            expected="SM 8.9+ GPU or CPU", found=c.describe())
+    return why
+
+
 def choose(fmt: str | None, device=None, option: str = "auto", *, conf: dict | None = None,
            shape: tuple[int, int] | None = None, has_input_scale: bool = False, layer: str | None = None) -> Choice:
     """The path for one layer of format ``fmt`` (None = not quantized) on ``device``.
@@ -278,11 +287,7 @@ def choose(fmt: str | None, device=None, option: str = "auto", *, conf: dict | N
 
     if fmt in FP8_FORMATS:
         if opt == FP8_MATMUL:
-            ok, why = fp8_matmul_possible(c)
-            if not ok:
-                raise WanquantError(f"forced fp8_matmul cannot run here: {why}", layer=layer,
-                                    expected="SM 8.9+ GPU or CPU", found=c.describe())
-            return Choice(FP8_MATMUL, why, forced=True, static_input_scale=has_input_scale)
+            return Choice(FP8_MATMUL, forced_fp8_matmul(c, layer), forced=True, static_input_scale=has_input_scale)
         ok, why = fp8_matmul_native(c)
         if ok:
             scale = "static input_scale from the checkpoint" if has_input_scale else \

@@ -37,7 +37,7 @@ def int8_matmul_possible(c) -> tuple[bool, str]:
 
 def choose_grid(fmt: str, c, opt: str, layer: str | None):
     """The Choice for a grid format or for fp8 under ``int8_matmul``; None = not ours."""
-    from .policy import DEQUANT, FP8_MATMUL, Choice, fp8_matmul_native, fp8_matmul_possible
+    from .policy import DEQUANT, FP8_MATMUL, Choice, forced_fp8_matmul, fp8_matmul_native
 
     if opt == INT8_MATMUL and (fmt in INT8_FORMATS[:1] or fmt in FP8_FORMATS[:1]):
         ok, why = int8_matmul_possible(c)
@@ -49,11 +49,7 @@ def choose_grid(fmt: str, c, opt: str, layer: str | None):
         return Choice(INT8_MATMUL, why, forced=True)
     if fmt in FP8_ROWWISE_FORMATS:
         if opt == FP8_MATMUL:
-            ok, why = fp8_matmul_possible(c)
-            if not ok:
-                raise WanquantError(f"forced fp8_matmul cannot run here: {why}", layer=layer,
-                                    expected="SM 8.9+ GPU or CPU", found=c.describe())
-            return Choice(FP8_MATMUL, why + "; row-wise scales", forced=True)
+            return Choice(FP8_MATMUL, forced_fp8_matmul(c, layer) + "; row-wise scales", forced=True)
         ok, why = fp8_matmul_native(c)
         if ok:
             return Choice(FP8_MATMUL, f"{why}; row-wise weight scales, activations scaled per token")
