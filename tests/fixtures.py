@@ -87,6 +87,25 @@ def ref_mxfp8(w: torch.Tensor, block_scales: torch.Tensor, orig_shape) -> torch.
     return vals[: orig_shape[0], : orig_shape[1]]
 
 
+def ref_scale_grid(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """fp64 ``q[i, j] * s[cell(i, j)]`` by explicit indices, the cell read off the scale's shape: one
+    scale, one per row (``[n]`` / ``[n, 1]``), a ``[n/bs, k/bs]`` tile grid or block3d's ``[n, k/bs, 1]``
+    (the per-row / block fp8 and int8 producers' reload formula)."""
+    n, k = q.shape
+    i = torch.arange(n).unsqueeze(1).expand(n, k)
+    j = torch.arange(k).unsqueeze(0).expand(n, k)
+    s = s.double()
+    if s.numel() == 1:
+        cell = s.reshape(()).expand(n, k)
+    elif tuple(s.shape) in ((n,), (n, 1)):
+        cell = s.reshape(-1)[i]
+    elif s.dim() == 3:
+        cell = s[i, j // (k // s.shape[1]), 0]
+    else:
+        cell = s[i // (n // s.shape[0]), j // (k // s.shape[1])]
+    return q.double() * cell
+
+
 def tiny_wan(**kw) -> dict[str, torch.Tensor]:
     kw.setdefault("dim", 256)
     kw.setdefault("ffn_dim", 512)

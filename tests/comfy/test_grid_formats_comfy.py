@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from fixtures import denoise, syn, tiny_wan
+from fixtures import denoise, ref_scale_grid, syn, tiny_wan
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
                                 reason="COMFYUI_PATH is not set; real-ComfyUI tests skipped")
@@ -40,19 +40,7 @@ def _ref_model(q):
         if k.endswith((".weight_scale", ".weight.__fp8_scale", ".comfy_quant", ".input_scale")):
             continue
         if k.endswith(".weight") and t.dtype in (torch.int8, torch.float8_e4m3fn):
-            s = q.get(k + "_scale", q.get(k + ".__fp8_scale")).double()
-            n, kk = t.shape
-            i = torch.arange(n).unsqueeze(1).expand(n, kk)
-            j = torch.arange(kk).unsqueeze(0).expand(n, kk)
-            if s.numel() == 1:
-                cell = s.reshape(()).expand(n, kk)
-            elif tuple(s.shape) in ((n,), (n, 1)):
-                cell = s.reshape(-1)[i]
-            elif s.dim() == 3:
-                cell = s[i, j // (kk // s.shape[1]), 0]
-            else:
-                cell = s[i // (n // s.shape[0]), j // (kk // s.shape[1])]
-            out[k] = (t.double() * cell).float()
+            out[k] = ref_scale_grid(t, q.get(k + "_scale", q.get(k + ".__fp8_scale"))).float()
         else:
             out[k] = t.float()
     return comfy.sd.load_diffusion_model_state_dict(out, model_options={"dtype": torch.float32})

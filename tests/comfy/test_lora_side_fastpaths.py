@@ -33,7 +33,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fixtures import denoise, syn, tiny_wan
+from fixtures import denoise, ref_scale_grid, syn, tiny_wan
 from wanquant.lora.keys import render_lora
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
@@ -74,21 +74,6 @@ def _gguf_recipe():
     return mod
 
 
-def _grid_deq64(q, layer):
-    """fp64 ``q * scale[cell]`` of one scale-grid layer, by index arithmetic (the producer's formula)."""
-    t, s = q[f"{layer}.weight"], q[f"{layer}.weight_scale"].double()
-    n, k = t.shape
-    i = torch.arange(n).unsqueeze(1).expand(n, k)
-    j = torch.arange(k).unsqueeze(0).expand(n, k)
-    if s.numel() == 1:
-        cell = s.reshape(()).expand(n, k)
-    elif tuple(s.shape) in ((n,), (n, 1)):
-        cell = s.reshape(-1)[i]
-    else:
-        cell = s[i // (n // s.shape[0]), j // (k // s.shape[1])]
-    return t.double() * cell
-
-
 def _gguf_deq64(path, name):
     import gguf
 
@@ -117,7 +102,7 @@ def _model(tmp_path, kind, seed=3):
         mode = {"int8": "int8_tensor", "rowwise": "fp8_row", "fp8_block": "fp8_block", "int8_block": "int8_block"}[kind]
         q = synthetic_grid.ctq(sd, mode, block=64, layers=layers)
         path = syn.save(q, tmp_path / f"{kind}.safetensors")
-        deq = {l: _grid_deq64(q, l) for l in layers}
+        deq = {l: ref_scale_grid(q[f"{l}.weight"], q[f"{l}.weight_scale"]) for l in layers}
     with torch.inference_mode():
         patcher = load_wan_model(str(path), policy=KINDS[kind][0], compute_dtype="fp32").patcher
     module = patcher.model.diffusion_model.get_submodule(LAYER)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from fixtures import syn, tiny_wan
+from fixtures import ref_scale_grid, syn, tiny_wan
 
 from wanquant.cli import main as cli_main
 from wanquant.errors import WanquantError
@@ -16,23 +16,6 @@ from wanquant.loaders.convert import convert
 from wanquant.ops.formats import get_format, parse_comfy_quant
 
 LAYER = "blocks.1.ffn.0"
-
-
-def _ref(q, s, block=0):
-    """fp64 q[i, j] * s[cell] by explicit indices; the cell is read off the scale's own shape."""
-    n, k = q.shape
-    i = torch.arange(n).unsqueeze(1).expand(n, k)
-    j = torch.arange(k).unsqueeze(0).expand(n, k)
-    s = s.double()
-    if s.numel() == 1:
-        cell = s.reshape(()).expand(n, k)
-    elif tuple(s.shape) in ((n,), (n, 1)):
-        cell = s.reshape(-1)[i]
-    elif s.dim() == 3:
-        cell = s[i, j // block, 0]
-    else:
-        cell = s[i // block, j // block]
-    return q.double() * cell
 
 
 CASES = {  # recipe -> (source state dict builder, expected format, scale key in the source, block)
@@ -63,7 +46,7 @@ def test_canonical_form_is_the_producers_formula(tmp_path, case):
         assert conf["format"] == fmt and conf.get("group_size", 0) == block
         assert f"{LAYER}.input_scale" not in m.entries  # convert_to_quant's 1.0 placeholder is dropped
         got = get_format(fmt).dequantize(tensors, torch.float32, conf)
-    ref = _ref(src[f"{LAYER}.weight"], src[f"{LAYER}.{scale_key}"], block)
+    ref = ref_scale_grid(src[f"{LAYER}.weight"], src[f"{LAYER}.{scale_key}"])
     assert bool(((got.double() - ref).abs() <= ref.abs() * 2.0 ** -24).all())
 
 

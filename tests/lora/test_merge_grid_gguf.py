@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import ref_scale_grid
 from safetensors.torch import load_file
 
 from wanquant.cli import main as cli_main
@@ -45,18 +46,7 @@ def _lora(sd):
 
 
 def _deq64(t: dict, layer: str) -> torch.Tensor:
-    """fp64 ``q * scale[cell]`` of one scale-grid layer from its raw tensors (the producer's formula)."""
-    q, s = t[f"{layer}.weight"], t[f"{layer}.weight_scale"].double()
-    n, k = q.shape
-    i = torch.arange(n).unsqueeze(1).expand(n, k)
-    j = torch.arange(k).unsqueeze(0).expand(n, k)
-    if s.numel() == 1:
-        cell = s.reshape(()).expand(n, k)
-    elif tuple(s.shape) in ((n,), (n, 1)):
-        cell = s.reshape(-1)[i]
-    else:
-        cell = s[i // (n // s.shape[0]), j // (k // s.shape[1])]
-    return q.double() * cell
+    return ref_scale_grid(t[f"{layer}.weight"], t[f"{layer}.weight_scale"])
 
 
 def _fmt(t: dict, layer: str) -> str:
