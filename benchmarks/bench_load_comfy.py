@@ -43,41 +43,53 @@ from pathlib import Path
 import torch
 
 DIM, FFN, TEXT, FREQ = 5120, 13824, 4096, 256
+INT8_CONF = b'{"format": "int8_tensorwise"}'
 CASES = ("stock", "auto", "comfy_native", "diffusers")
 
 
 # ---------------------------------------------------------------------- checkpoint builder
 
-def _block_tensors(b: int):
-    """(key, shape, dtype) of one Wan-14B block in kijai scaled-fp8 form."""
+def _linear(name: str, n: int, k: int, fmt: str):
+    """(key, shape, dtype) of one quantized Linear: kijai scaled fp8, or ComfyUI 0.33's per-channel
+    ``int8_tensorwise`` (``weight_scale`` [n, 1] + ``comfy_quant``, what ``convert --to int8`` writes)."""
+    if fmt == "int8":
+        return [(f"{name}.weight", (n, k), torch.int8), (f"{name}.bias", (n,), torch.bfloat16),
+                (f"{name}.weight_scale", (n, 1), torch.float32), (f"{name}.comfy_quant", (len(INT8_CONF),), torch.uint8)]
+    return [(f"{name}.weight", (n, k), torch.float8_e4m3fn), (f"{name}.bias", (n,), torch.bfloat16),
+            (f"{name}.scale_weight", (), torch.float32)]
+
+
+def _block_tensors(b: int, fmt: str = "fp8"):
+    """(key, shape, dtype) of one Wan-14B block."""
     p = f"blocks.{b}"
     out = []
     for att in ("self_attn", "cross_attn"):
         for m in ("q", "k", "v", "o"):
-            out += [(f"{p}.{att}.{m}.weight", (DIM, DIM), torch.float8_e4m3fn),
-                    (f"{p}.{att}.{m}.bias", (DIM,), torch.bfloat16),
-                    (f"{p}.{att}.{m}.scale_weight", (), torch.float32)]
+            out += _linear(f"{p}.{att}.{m}", DIM, DIM, fmt)
         out += [(f"{p}.{att}.norm_q.weight", (DIM,), torch.bfloat16),
                 (f"{p}.{att}.norm_k.weight", (DIM,), torch.bfloat16)]
     out += [(f"{p}.norm3.weight", (DIM,), torch.bfloat16), (f"{p}.norm3.bias", (DIM,), torch.bfloat16),
-            (f"{p}.ffn.0.weight", (FFN, DIM), torch.float8_e4m3fn), (f"{p}.ffn.0.bias", (FFN,), torch.bfloat16),
-            (f"{p}.ffn.0.scale_weight", (), torch.float32),
-            (f"{p}.ffn.2.weight", (DIM, FFN), torch.float8_e4m3fn), (f"{p}.ffn.2.bias", (DIM,), torch.bfloat16),
-            (f"{p}.ffn.2.scale_weight", (), torch.float32),
+            *_linear(f"{p}.ffn.0", FFN, DIM, fmt), *_linear(f"{p}.ffn.2", DIM, FFN, fmt),
             (f"{p}.modulation", (1, 6, DIM), torch.bfloat16)]
     return out
 
 
-def _top_tensors():
+def _top_tensors(fmt: str = "fp8"):
     t = [("patch_embedding.weight", (DIM, 16, 1, 2, 2), torch.bfloat16), ("patch_embedding.bias", (DIM,), torch.bfloat16)]
     for name, o, i in (("text_embedding.0", DIM, TEXT), ("text_embedding.2", DIM, DIM), ("time_embedding.0", DIM, FREQ),
                        ("time_embedding.2", DIM, DIM), ("time_projection.1", DIM * 6, DIM), ("head.head", 64, DIM)):
         t += [(f"{name}.weight", (o, i), torch.bfloat16), (f"{name}.bias", (o,), torch.bfloat16)]
-    t += [("head.modulation", (1, 2, DIM), torch.bfloat16), ("scaled_fp8", (), torch.bfloat16)]
-    return t
+    t += [("head.modulation", (1, 2, DIM), torch.bfloat16)]
+    return t + ([("scaled_fp8", (), torch.bfloat16)] if fmt == "fp8" else [])
 
 
-def _random(shape, dtype, gen):
+def _random(shape, dtype, gen, key=""):
+    if key.endswith(".comfy_quant"):
+        return torch.frombuffer(bytearray(INT8_CONF), dtype=torch.uint8)
+    if dtype == torch.int8:
+        return torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
+    if key.endswith(".weight_scale"):
+        return torch.full(shape, 1e-3, dtype=dtype)
     if dtype in (torch.float8_e4m3fn,):
         u = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
         return u.bitwise_and_(0xBF).view(dtype)  # clear bit 6: finite values |x| <= 0.5ish, never NaN
@@ -86,19 +98,20 @@ def _random(shape, dtype, gen):
     return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
 
 
-def build(path: Path, gib: float, diffusers: bool) -> Path:
-    """A native or diffusers-keyed Wan-14B-shaped scaled-fp8 file of about ``gib`` GiB."""
+def build(path: Path, gib: float, diffusers: bool, fmt: str = "fp8") -> Path:
+    """A native or diffusers-keyed Wan-14B-shaped scaled-fp8 (or int8) file of about ``gib`` GiB."""
     from ..loaders.keymap import native_to_diffusers
     from ..loaders.writer import write_safetensors
 
     if path.exists():
         return path
-    per_block = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, s, d in _block_tensors(0))
+    per_block = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size()
+                    for _, s, d in _block_tensors(0, fmt))
     blocks = max(1, round(gib * 2**30 / per_block))
-    specs = _top_tensors() + [t for b in range(blocks) for t in _block_tensors(b)]
+    specs = _top_tensors(fmt) + [t for b in range(blocks) for t in _block_tensors(b, fmt)]
     gen = torch.Generator().manual_seed(0)
     name = (lambda k: native_to_diffusers(k)[0]) if diffusers else (lambda k: k)
-    items = [(name(k), s, d, (lambda s=s, d=d: _random(s, d, gen))) for k, s, d in specs]
+    items = [(name(k), s, d, (lambda s=s, d=d, k=k: _random(s, d, gen, k))) for k, s, d in specs]
     write_safetensors(path, items)
     return path
 
@@ -227,6 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default="bench_out/load_comfy", help="where the checkpoints are built (kept)")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--modes", nargs="+", default=["legacy", "assign"], choices=["legacy", "assign"])
+    ap.add_argument("--format", choices=["fp8", "int8"], default="fp8",
+                    help="fp8: kijai scaled fp8; int8: per-channel int8_tensorwise comfy_quant (stock ComfyUI >= 0.27)")
     ap.add_argument("--child", nargs=3, metavar=("CASE", "FILE", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -241,9 +256,10 @@ def main(argv=None) -> int:
     print(f"{'size':>6} {'mode':<7} {'case':<13} {'wall s':>7} {'x stock':>7} {'peak priv MiB':>13} {'- stock':>8} "
           f"{'held MiB':>9} {'peak RSS MiB':>12} {'fds':>4}")
     for gib in a.sizes:
-        files = {False: build(folder / f"wan14b_scaled_fp8_{gib:g}gib.safetensors", gib, False)}
+        stem = f"wan14b_{'scaled_fp8' if a.format == 'fp8' else 'int8'}_{gib:g}gib"
+        files = {False: build(folder / f"{stem}.safetensors", gib, False, a.format)}
         if "diffusers" in a.cases:
-            files[True] = build(folder / f"wan14b_scaled_fp8_{gib:g}gib_diffusers.safetensors", gib, True)
+            files[True] = build(folder / f"{stem}_diffusers.safetensors", gib, True, a.format)
         for mode in a.modes:
             _report(gib, mode, files, a)
     return 0
