@@ -11,6 +11,12 @@ fresh process with:
 * ``auto`` / ``comfy_native``: wanquant's ``load_wan_model`` with that op policy;
 * ``diffusers``: wanquant ``auto`` on the diffusers-keyed file.
 
+``--format int8`` builds ComfyUI's per-channel ``int8_tensorwise`` instead; ``--format
+lightx2v_nvfp4`` builds LightX2V's NVFP4 (low-nibble-first bytes), which stock ComfyUI cannot
+read, so ``stock`` loads the same weights written in ComfyUI's own ``nvfp4`` (the RAM a user would
+spend had the release shipped in ComfyUI's format), and ``comfy_native`` shows the swap-at-load
+cost that wanquant's own layout avoids.
+
 Two ComfyUI load modes: ``legacy`` (what a CPU or non-DynamicVRAM ComfyUI does: the state dict
 is copied into the model's own parameters) and ``assign`` (what ComfyUI >= 0.33 with DynamicVRAM
 does on NVIDIA: ``load_state_dict(assign=True)``, the model keeps the tensors it is handed, so
@@ -43,18 +49,31 @@ from pathlib import Path
 import torch
 
 DIM, FFN, TEXT, FREQ = 5120, 13824, 4096, 256
-INT8_CONF = b'{"format": "int8_tensorwise"}'
+COMFY_QUANT = {"int8": b'{"format": "int8_tensorwise"}', "nvfp4": b'{"format": "nvfp4"}'}
 CASES = ("stock", "auto", "comfy_native", "diffusers")
+#: --format -> what stock ComfyUI loads in the same run: the same weights in a format it reads
+STOCK_TWIN = {"lightx2v_nvfp4": "nvfp4"}
 
 
 # ---------------------------------------------------------------------- checkpoint builder
 
 def _linear(name: str, n: int, k: int, fmt: str):
-    """(key, shape, dtype) of one quantized Linear: kijai scaled fp8, or ComfyUI 0.33's per-channel
-    ``int8_tensorwise`` (``weight_scale`` [n, 1] + ``comfy_quant``, what ``convert --to int8`` writes)."""
+    """(key, shape, dtype) of one quantized Linear: kijai scaled fp8; ComfyUI 0.33's per-channel
+    ``int8_tensorwise`` (``weight_scale`` [n, 1] + ``comfy_quant``, what ``convert --to int8`` writes);
+    ComfyUI's ``nvfp4``; or LightX2V's NVFP4 (low-nibble-first bytes, the kernel's block scales,
+    ``input_global_scale`` + ``alpha``, no ``comfy_quant``). Wan-14B shapes need no NVFP4 padding."""
+    bias = (f"{name}.bias", (n,), torch.bfloat16)
     if fmt == "int8":
-        return [(f"{name}.weight", (n, k), torch.int8), (f"{name}.bias", (n,), torch.bfloat16),
-                (f"{name}.weight_scale", (n, 1), torch.float32), (f"{name}.comfy_quant", (len(INT8_CONF),), torch.uint8)]
+        return [(f"{name}.weight", (n, k), torch.int8), bias,
+                (f"{name}.weight_scale", (n, 1), torch.float32),
+                (f"{name}.comfy_quant", (len(COMFY_QUANT[fmt]),), torch.uint8)]
+    if fmt in ("nvfp4", "lightx2v_nvfp4"):
+        packed = [(f"{name}.weight", (n, k // 2), torch.uint8), bias,
+                  (f"{name}.weight_scale", (n, k // 16), torch.float8_e4m3fn)]
+        if fmt == "lightx2v_nvfp4":
+            return packed + [(f"{name}.input_global_scale", (), torch.float32), (f"{name}.alpha", (), torch.float32)]
+        return packed + [(f"{name}.weight_scale_2", (), torch.float32), (f"{name}.input_scale", (), torch.float32),
+                         (f"{name}.comfy_quant", (len(COMFY_QUANT[fmt]),), torch.uint8)]
     return [(f"{name}.weight", (n, k), torch.float8_e4m3fn), (f"{name}.bias", (n,), torch.bfloat16),
             (f"{name}.scale_weight", (), torch.float32)]
 
@@ -83,9 +102,11 @@ def _top_tensors(fmt: str = "fp8"):
     return t + ([("scaled_fp8", (), torch.bfloat16)] if fmt == "fp8" else [])
 
 
-def _random(shape, dtype, gen, key=""):
+def _random(shape, dtype, gen, key="", fmt="fp8"):
     if key.endswith(".comfy_quant"):
-        return torch.frombuffer(bytearray(INT8_CONF), dtype=torch.uint8)
+        return torch.frombuffer(bytearray(COMFY_QUANT[fmt]), dtype=torch.uint8)
+    if dtype == torch.uint8:  # packed E2M1 codes
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
     if dtype == torch.int8:
         return torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
     if key.endswith(".weight_scale"):
@@ -99,7 +120,7 @@ def _random(shape, dtype, gen, key=""):
 
 
 def build(path: Path, gib: float, diffusers: bool, fmt: str = "fp8") -> Path:
-    """A native or diffusers-keyed Wan-14B-shaped scaled-fp8 (or int8) file of about ``gib`` GiB."""
+    """A native or diffusers-keyed Wan-14B-shaped file of about ``gib`` GiB in ``fmt`` (see ``_linear``)."""
     from ..loaders.keymap import native_to_diffusers
     from ..loaders.writer import write_safetensors
 
@@ -111,7 +132,7 @@ def build(path: Path, gib: float, diffusers: bool, fmt: str = "fp8") -> Path:
     specs = _top_tensors(fmt) + [t for b in range(blocks) for t in _block_tensors(b, fmt)]
     gen = torch.Generator().manual_seed(0)
     name = (lambda k: native_to_diffusers(k)[0]) if diffusers else (lambda k: k)
-    items = [(name(k), s, d, (lambda s=s, d=d, k=k: _random(s, d, gen, k))) for k, s, d in specs]
+    items = [(name(k), s, d, (lambda s=s, d=d, k=k: _random(s, d, gen, k, fmt))) for k, s, d in specs]
     write_safetensors(path, items)
     return path
 
@@ -218,13 +239,14 @@ def _run_child(case: str, file: Path, mode: str) -> dict:
 
 
 def _report(gib: float, mode: str, files: dict, a) -> None:
+    """``files``: case -> the file that case loads."""
     med: dict[str, list[dict]] = {}
     for _ in range(a.runs):  # interleaved, so drift in machine load hits every case alike
         for case in a.cases:
-            med.setdefault(case, []).append(_run_child(case, files[case == "diffusers"], mode))
+            med.setdefault(case, []).append(_run_child(case, files[case], mode))
     stock = {k: statistics.median(r[k] for r in med["stock"]) for k in med["stock"][0] if k != "case"} \
         if "stock" in med else None
-    size = files[False].stat().st_size / 2**30
+    size = files["auto"].stat().st_size / 2**30
     for case, rows in med.items():
         m = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "case"}
         ratio = f"{m['wall_s'] / stock['wall_s']:.2f}" if stock else "-"
@@ -240,8 +262,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default="bench_out/load_comfy", help="where the checkpoints are built (kept)")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--modes", nargs="+", default=["legacy", "assign"], choices=["legacy", "assign"])
-    ap.add_argument("--format", choices=["fp8", "int8"], default="fp8",
-                    help="fp8: kijai scaled fp8; int8: per-channel int8_tensorwise comfy_quant (stock ComfyUI >= 0.27)")
+    ap.add_argument("--format", choices=["fp8", "int8", "lightx2v_nvfp4"], default="fp8",
+                    help="fp8: kijai scaled fp8; int8: per-channel int8_tensorwise comfy_quant (stock ComfyUI >= 0.27); "
+                         "lightx2v_nvfp4: LightX2V's NVFP4, which stock ComfyUI cannot read, so stock loads the same "
+                         "weights in ComfyUI's own nvfp4")
     ap.add_argument("--child", nargs=3, metavar=("CASE", "FILE", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -256,10 +280,14 @@ def main(argv=None) -> int:
     print(f"{'size':>6} {'mode':<7} {'case':<13} {'wall s':>7} {'x stock':>7} {'peak priv MiB':>13} {'- stock':>8} "
           f"{'held MiB':>9} {'peak RSS MiB':>12} {'fds':>4}")
     for gib in a.sizes:
-        stem = f"wan14b_{'scaled_fp8' if a.format == 'fp8' else 'int8'}_{gib:g}gib"
-        files = {False: build(folder / f"{stem}.safetensors", gib, False, a.format)}
+        stem = f"wan14b_{'scaled_fp8' if a.format == 'fp8' else a.format}_{gib:g}gib"
+        native = build(folder / f"{stem}.safetensors", gib, False, a.format)
+        files = {case: native for case in CASES}
         if "diffusers" in a.cases:
-            files[True] = build(folder / f"{stem}_diffusers.safetensors", gib, True, a.format)
+            files["diffusers"] = build(folder / f"{stem}_diffusers.safetensors", gib, True, a.format)
+        twin = STOCK_TWIN.get(a.format)
+        if twin and "stock" in a.cases:
+            files["stock"] = build(folder / f"wan14b_{twin}_{gib:g}gib.safetensors", gib, False, twin)
         for mode in a.modes:
             _report(gib, mode, files, a)
     return 0

@@ -47,7 +47,7 @@ class Entry:
     dtype: torch.dtype
     load: Callable[[], torch.Tensor] = field(repr=False)
     layer: str | None = None  # owning quantized/plain module, for overlay and reports
-    # An fp4_g32 weight stored low-nibble-first: ``load`` swaps it into the canonical order (a
+    # An fp4_g32 or nvfp4 weight stored low-nibble-first: ``load`` swaps it into the canonical order (a
     # fresh copy); ``unswapped`` hands out the file's own bytes, for a consumer that decodes that
     # order in place (the ComfyUI loader: pages stay file-backed instead of a private copy).
     unswapped: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
@@ -526,7 +526,8 @@ def _layer_entries(layer: Layer) -> list[Entry]:
                 out.append(Entry(f"{n}.input_scale", (), torch.float32, _scalar_fp32(inp), n))
     elif layer.format == "nvfp4":
         if layer.nibble_order == "low_first":  # LightX2V packs the even element low: swap (lossless)
-            out.append(Entry(f"{n}.weight", w.shape, torch.uint8, lambda w=w: swap_nibbles(w.load()), n))
+            out.append(Entry(f"{n}.weight", w.shape, torch.uint8, lambda w=w: swap_nibbles(w.load()), n,
+                             unswapped=w.loader))
         else:
             out.append(Entry(f"{n}.weight", w.shape, torch.uint8, w.loader, n))
         ws = layer.sides["weight_scale"]

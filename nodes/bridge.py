@@ -141,7 +141,7 @@ def _build_patcher(model: CanonicalModel, path, base, policy, compute_dtype, nib
     low_first = set()
     for i, k in enumerate(keep):
         e = model.entries[k]
-        if e.unswapped is not None and policy != NATIVE:  # our FP4 layout reads the file's order in place
+        if e.unswapped is not None and policy != NATIVE:  # our layouts read the file's order in place
             sd[k] = e.unswapped()
             low_first.add(e.layer)
         else:

@@ -51,6 +51,7 @@ from ..ops.policy_grid import BLOCK_GRID_FORMATS
 
 from . import comfy_native
 from .gguf_layout import GGUF_LAYOUT, GGUFLayout
+from .nvfp4_file_layout import COMFY_NVFP4_LAYOUT, NVFP4_FILE_LAYOUT, NVFP4FileOrderLayout
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
 
     class WanquantOps(base):
         wanquant_plan = plan
-        # fp4_g32 layers the loader hands over in the file's low-nibble-first order (unswapped)
+        # fp4_g32 / nvfp4 layers the loader hands over in the file's low-nibble-first order (unswapped)
         wanquant_low_first: frozenset = frozenset()
 
         class Linear(base.Linear):
@@ -264,6 +265,8 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 self._wq_name = name
                 self._wq_ran = set()  # paths this layer has executed (recorded once each)
                 self._wq_conf = dict(conf or {}, orig_shape=list(shape))
+                if fmt == "nvfp4" and name in WanquantOps.wanquant_low_first:
+                    self._wq_nvfp4_file_order(choice.path == KITCHEN_MATMUL)
                 if choice.path == INT8_MATMUL and fmt in FP8_FORMATS:
                     self._wq_requant_int8(name)
                     self._wq_conf = dict(self._wq_conf, format="int8_tensorwise")
@@ -309,6 +312,19 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 params = ScaleGridLayout.Params(scale=scale, orig_dtype=self.factory_kwargs["dtype"] or torch.float32,
                                                 orig_shape=(self.out_features, self.in_features), fmt=fmt, block=block)
                 self.weight = torch.nn.Parameter(QuantizedTensor(qdata, GRID_LAYOUT, params), requires_grad=False)
+
+            def _wq_nvfp4_file_order(self, kitchen_runs):
+                """A LightX2V NVFP4 weight arrives as the file's low-nibble-first bytes (mapped, not
+                copied). Kitchen's matmul reads ComfyUI's high-first order: swapped once, here. Every
+                other path dequantizes per forward, so the bytes stay the file's, in our file-order
+                layout (``nodes/nvfp4_file_layout.py``)."""
+                w = self.weight
+                if kitchen_runs:
+                    q = QuantizedTensor(swap_nibbles(w._qdata), COMFY_NVFP4_LAYOUT, w._params)
+                else:
+                    q = QuantizedTensor(w._qdata, NVFP4_FILE_LAYOUT, NVFP4FileOrderLayout.from_comfy(w._params, False))
+                    self.layout_type = NVFP4_FILE_LAYOUT
+                self.weight = torch.nn.Parameter(q, requires_grad=False)
 
             def _wq_requant_int8(self, name):
                 """Option int8_matmul: per-tensor fp8 -> per-channel int8 now, error logged and kept."""

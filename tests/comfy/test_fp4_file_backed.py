@@ -1,6 +1,8 @@
-"""A low-nibble-first FP4 group-32 file (the Animate FP4 release's packing) loads without a
-swapped private copy: ComfyUI's layers hold the file's own memory-mapped bytes and decode that
-order, while everything handed out (state dict, outputs) equals the canonical high-first model.
+"""Low-nibble-first FP4 files load without a swapped private copy: ComfyUI's layers hold the
+file's own memory-mapped bytes and decode that order, while everything handed out (state dict,
+outputs, a LoRA merge) equals the canonical high-first model. Two packings: FP4 group-32 (the
+Animate FP4 release) and LightX2V NVFP4 (its kernel packs the even element low), the latter
+swapped once at load only where kitchen's NVFP4 matmul will read the bytes (SM >= 10, faked).
 
 In-process ComfyUI (``$COMFY_PY -m pytest``; skips without ``COMFYUI_PATH``)."""
 
@@ -12,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from fixtures import denoise, syn, tiny_wan
+from fixtures import build_seed, denoise, syn, tiny_wan
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
                                 reason="COMFYUI_PATH is not set; real-ComfyUI tests skipped")
@@ -59,3 +61,84 @@ def test_low_first_fp4_stays_file_backed_and_equals_canonical(comfy_inprocess, t
         sd = mod.state_dict()
         assert torch.equal(sd["weight"], high_q[f"{name}.weight"]), name  # handed out canonical
     assert torch.equal(denoise(low.patcher), denoise(high.patcher))
+
+
+def _bytewise_swap(u8: torch.Tensor) -> torch.Tensor:
+    """The two nibbles of every byte exchanged, one byte at a time (independent of the pack)."""
+    return torch.tensor([((b & 0x0F) << 4) | (b >> 4) for b in u8.reshape(-1).tolist()],
+                        dtype=torch.uint8).reshape(u8.shape)
+
+
+def _lightx2v(tmp_path):
+    from safetensors.torch import load_file
+
+    path, base, _ = build_seed("lightx2v_nvfp4_partial_over_base", tmp_path)
+    q = load_file(str(path))
+    layers = sorted(k[:-len(".alpha")] for k in q if k.endswith(".alpha"))
+    return path, base, q, layers
+
+
+def _merge_lora(patcher, layers, q):
+    """ComfyUI's own LoRA loader merged into the weights (dequantize, patch, requantize)."""
+    import comfy.model_management
+    import comfy.sd
+
+    g = torch.Generator().manual_seed(5)
+    lora = {}
+    for layer in layers:
+        n, half = q[f"{layer}.weight"].shape
+        lora[f"diffusion_model.{layer}.lora_up.weight"] = torch.randn(n, 4, generator=g) * 0.05
+        lora[f"diffusion_model.{layer}.lora_down.weight"] = torch.randn(4, half * 2, generator=g) * 0.05
+    patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)
+    comfy.model_management.load_models_gpu([patched], force_full_load=True)
+    return denoise(patched)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_lightx2v_nvfp4_stays_file_backed_and_equals_the_comfy_order_model(comfy_inprocess, tmp_path):
+    from wanquant.loaders.convert import convert
+    from wanquant.nodes.bridge import load_wan_model
+    from wanquant.nodes.nvfp4_file_layout import COMFY_NVFP4_LAYOUT, NVFP4_FILE_LAYOUT
+
+    path, base, q, layers = _lightx2v(tmp_path)
+    comfy_order = tmp_path / "comfy_order.safetensors"
+    convert(path, comfy_order)  # the same layers written in ComfyUI's own (high-first) NVFP4
+    low = load_wan_model(str(path), base=str(base))
+    high = load_wan_model(str(comfy_order), base=str(base))
+    assert len(layers) == 20
+    for name in layers:
+        mod = low.patcher.model.diffusion_model.get_submodule(name)
+        ref = high.patcher.model.diffusion_model.get_submodule(name)
+        assert mod.weight._layout_cls == NVFP4_FILE_LAYOUT and ref.weight._layout_cls == COMFY_NVFP4_LAYOUT, name
+        qdata = mod.weight._qdata
+        assert torch.equal(qdata, q[f"{name}.weight"]), name  # the file's bytes, not swapped
+        assert str(path) in _mapped_files(qdata.data_ptr()), name  # backed by the file itself
+        sd = mod.state_dict()
+        assert torch.equal(sd["weight"], _bytewise_swap(q[f"{name}.weight"])), name  # handed out in ComfyUI's order
+        assert torch.equal(sd["weight"], ref.state_dict()["weight"]), name
+        assert torch.equal(mod.weight.dequantize(), ref.weight.dequantize()), name
+    plain = denoise(high.patcher)
+    assert torch.equal(denoise(low.patcher), plain)
+    executed = {layer: paths for layer, paths in low.patcher.model.wanquant_plan.executed.items() if layer in layers}
+    assert executed and all("dequant" in p for p in executed.values()), executed
+    merged_low, merged_high = _merge_lora(low.patcher, layers, q), _merge_lora(high.patcher, layers, q)
+    assert torch.equal(merged_low, merged_high)
+    assert not torch.equal(merged_low, plain)  # the LoRA did change the output
+
+
+def test_lightx2v_nvfp4_is_swapped_once_where_kitchen_runs_it(comfy_inprocess, tmp_path, monkeypatch):
+    from wanquant.nodes.bridge import load_wan_model
+    from wanquant.nodes.nvfp4_file_layout import COMFY_NVFP4_LAYOUT
+    from wanquant.ops import policy
+
+    path, base, q, layers = _lightx2v(tmp_path)
+    blackwell = policy.DeviceCaps("cuda", (10, 0), "faked SM 10.0", (2, 10), (12, 8), False, True,
+                                  frozenset({"scaled_mm_nvfp4", "scaled_mm_mxfp8"}))
+    monkeypatch.setattr(policy, "probe_device", lambda device=None: blackwell)
+    low = load_wan_model(str(path), base=str(base), compute_dtype="bf16")
+    plan = low.patcher.model.wanquant_plan
+    for name in layers:
+        mod = low.patcher.model.diffusion_model.get_submodule(name)
+        assert plan.layers[name].choice.path == "kitchen_matmul", name
+        assert mod.weight._layout_cls == COMFY_NVFP4_LAYOUT, name  # kitchen's NVFP4 handlers read it
+        assert torch.equal(mod.weight._qdata, _bytewise_swap(q[f"{name}.weight"])), name
