@@ -24,8 +24,10 @@ file-backed tensors stay file-backed). DynamicVRAM itself needs a GPU; ``assign`
 load step on CPU by making ``ModelPatcher.is_dynamic`` true, nothing else.
 
 Per case: wall time, peak RSS growth and peak private growth (``/proc/self/smaps_rollup``
-Private_Clean + Private_Dirty, sampled every 5 ms in the loading process) over the process after
-its imports, and private memory still held after the load. Each number is the median of
+``Anonymous``, sampled every 5 ms in the loading process) over the process after its imports, and
+private memory still held after the load. Anonymous, not Private_Clean + Private_Dirty: the
+latter also counts the file's own pages once this process alone has read them (page cache the
+kernel can drop), which made a load that reads the weights look twice as expensive as it is. Each number is the median of
 ``--runs`` fresh processes; ratios are against stock in the same run.
 
 Runs when ComfyUI is importable (``COMFYUI_PATH`` set, run with ComfyUI's python); prints a
@@ -143,7 +145,7 @@ def _private_kib() -> int:
     total = 0
     with open("/proc/self/smaps_rollup") as f:
         for line in f:
-            if line.startswith(("Private_Clean:", "Private_Dirty:", "Private_Hugetlb:")):
+            if line.startswith(("Anonymous:", "Private_Hugetlb:")):
                 total += int(line.split()[1])
     return total
 

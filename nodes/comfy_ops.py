@@ -27,9 +27,9 @@ asym_w4a8_int8, NVFP4 + pre_quant_scale: ``loaders/comfy_algos.py``), untouched,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
-from dataclasses import dataclass
 
 import torch
 
@@ -75,7 +75,7 @@ if QuantizedLayout is not None:
 
         MIN_SM_VERSION = None
 
-        @dataclass(frozen=True)
+        @dataclasses.dataclass(frozen=True)
         class Params(BaseLayoutParams):
             hi_first: bool = True  # byte order of qdata, as loaders.nibble_order decided it
 
@@ -117,7 +117,7 @@ if QuantizedLayout is not None:
 
         MIN_SM_VERSION = None
 
-        @dataclass(frozen=True)
+        @dataclasses.dataclass(frozen=True)
         class Params(BaseLayoutParams):
             fmt: str = "int8_tensorwise"
             block: int = 0
@@ -178,6 +178,23 @@ def plain_tensors(qt) -> dict[str, torch.Tensor]:
     via its layout's own serialisation so every layout maps the same way."""
     parts = qt.layout_cls.state_dict_tensors(qt._qdata, qt._params)
     return {"weight" + suffix: t for suffix, t in parts.items()}
+
+
+def quantized_parameter(q) -> torch.nn.Parameter:
+    """``nn.Parameter`` around a QuantizedTensor, keeping its layout params' tensors as given.
+
+    ``nn.Parameter`` detaches, and comfy-kitchen's detach clones every params tensor: for the
+    block-scaled formats those are the block scales (1/8 of the packed weights for NVFP4 and FP4
+    group-32), so each load held them as a private copy instead of the file's mapped pages (stock
+    ComfyUI does the same). The params are frozen dataclasses; keeping the originals shares them
+    with the file exactly as ``qdata`` already is."""
+    p = torch.nn.Parameter(q, requires_grad=False)
+    p._params = q._params
+    return p
+
+
+#: ComfyUI-loaded formats whose params field holds the file's ``weight_scale`` bytes as they are
+_COMFY_MAPPED_SCALES = {"nvfp4": "block_scale", "mxfp8": "scale"}
 
 
 _CAST_PARAMS = set(inspect.signature(comfy.ops.cast_bias_weight).parameters)
@@ -241,6 +258,7 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                     self._wq_load_gguf(state_dict, prefix, local_metadata, strict, missing_keys,
                                        unexpected_keys, error_msgs, conf, name)
                 else:
+                    file_scale = state_dict.get(f"{prefix}weight_scale")
                     try:
                         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                                       missing_keys, unexpected_keys, error_msgs)
@@ -248,6 +266,8 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                         raise WanquantError(f"ComfyUI could not load this quantized layer: {exc}",
                                             layer=name, expected="a ComfyUI comfy_quant format",
                                             found=str(fmt)) from exc
+                    if fmt in _COMFY_MAPPED_SCALES and not native:
+                        self._wq_keep_file_scale(fmt, file_scale)
                 shape = (self.out_features, self.in_features)
                 weight = getattr(self, "weight", None)
                 if native:
@@ -311,7 +331,23 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
             def _wq_set_grid(self, qdata, scale, fmt, block):
                 params = ScaleGridLayout.Params(scale=scale, orig_dtype=self.factory_kwargs["dtype"] or torch.float32,
                                                 orig_shape=(self.out_features, self.in_features), fmt=fmt, block=block)
-                self.weight = torch.nn.Parameter(QuantizedTensor(qdata, GRID_LAYOUT, params), requires_grad=False)
+                self.weight = quantized_parameter(QuantizedTensor(qdata, GRID_LAYOUT, params))
+
+            def _wq_keep_file_scale(self, fmt, file_scale):
+                """ComfyUI built this layer's params through ``nn.Parameter``, which cloned the block
+                scales (see ``quantized_parameter``): put the file's own tensor back, viewed as the
+                clone is, when it holds the same bytes on the same device (compared, never assumed:
+                the clone has just read those pages, so the check reads memory, not the disk)."""
+                w = self.weight
+                field = _COMFY_MAPPED_SCALES[fmt]
+                made = getattr(w._params, field, None) if isinstance(w, QuantizedTensor) else None
+                if (made is None or file_scale is None or file_scale.device != made.device
+                        or file_scale.nbytes != made.nbytes or not file_scale.is_contiguous()
+                        or not made.is_contiguous()):
+                    return
+                same = file_scale.reshape(-1).view(torch.uint8)
+                if torch.equal(same, made.reshape(-1).view(torch.uint8)):
+                    w._params = dataclasses.replace(w._params, **{field: same.view(made.dtype).view(made.shape)})
 
             def _wq_nvfp4_file_order(self, kitchen_runs):
                 """A LightX2V NVFP4 weight arrives as the file's low-nibble-first bytes (mapped, not
@@ -324,7 +360,7 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 else:
                     q = QuantizedTensor(w._qdata, NVFP4_FILE_LAYOUT, NVFP4FileOrderLayout.from_comfy(w._params, False))
                     self.layout_type = NVFP4_FILE_LAYOUT
-                self.weight = torch.nn.Parameter(q, requires_grad=False)
+                self.weight = quantized_parameter(q)
 
             def _wq_requant_int8(self, name):
                 """Option int8_matmul: per-tensor fp8 -> per-channel int8 now, error logged and kept."""
@@ -357,8 +393,8 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 params = FP4G32Layout.Params(scale=s.to(device=device),  # the file's scale dtype (bf16): no upcast
                                              orig_dtype=self.factory_kwargs["dtype"], orig_shape=(n, k),
                                              hi_first=name not in WanquantOps.wanquant_low_first)
-                self.weight = torch.nn.Parameter(QuantizedTensor(w.to(device=device, dtype=torch.uint8),
-                                                                 FP4G32_LAYOUT, params), requires_grad=False)
+                self.weight = quantized_parameter(QuantizedTensor(w.to(device=device, dtype=torch.uint8),
+                                                                  FP4G32_LAYOUT, params))
                 self._wq_load_rest(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                    error_msgs, ("weight", "weight_scale", "comfy_quant"))
 
@@ -381,8 +417,8 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 params = GGUFLayout.Params(scale=torch.ones((), device=self.factory_kwargs["device"]),
                                            orig_dtype=self.factory_kwargs["dtype"], orig_shape=(n, k),
                                            qtype=fmt.qtype)
-                self.weight = torch.nn.Parameter(QuantizedTensor(w.to(device=self.factory_kwargs["device"]),
-                                                                 GGUF_LAYOUT, params), requires_grad=False)
+                self.weight = quantized_parameter(QuantizedTensor(w.to(device=self.factory_kwargs["device"]),
+                                                                  GGUF_LAYOUT, params))
                 self._wq_load_rest(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                    error_msgs, ("weight", "comfy_quant"))
 

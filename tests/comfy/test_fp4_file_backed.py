@@ -58,6 +58,7 @@ def test_low_first_fp4_stays_file_backed_and_equals_canonical(comfy_inprocess, t
         qdata = mod.weight._qdata
         assert torch.equal(qdata, low_q[f"{name}.weight"]), name  # the file's bytes, not swapped
         assert str(low_path) in _mapped_files(qdata.data_ptr()), name  # backed by the file itself
+        assert str(low_path) in _mapped_files(mod.weight._params.scale.data_ptr()), name  # group scales too
         sd = mod.state_dict()
         assert torch.equal(sd["weight"], high_q[f"{name}.weight"]), name  # handed out canonical
     assert torch.equal(denoise(low.patcher), denoise(high.patcher))
@@ -113,6 +114,8 @@ def test_lightx2v_nvfp4_stays_file_backed_and_equals_the_comfy_order_model(comfy
         qdata = mod.weight._qdata
         assert torch.equal(qdata, q[f"{name}.weight"]), name  # the file's bytes, not swapped
         assert str(path) in _mapped_files(qdata.data_ptr()), name  # backed by the file itself
+        assert str(path) in _mapped_files(mod.weight._params.block_scale.data_ptr()), name  # block scales too
+        assert str(comfy_order) in _mapped_files(ref.weight._params.block_scale.data_ptr()), name  # ComfyUI-loaded
         sd = mod.state_dict()
         assert torch.equal(sd["weight"], _bytewise_swap(q[f"{name}.weight"])), name  # handed out in ComfyUI's order
         assert torch.equal(sd["weight"], ref.state_dict()["weight"]), name
@@ -142,3 +145,25 @@ def test_lightx2v_nvfp4_is_swapped_once_where_kitchen_runs_it(comfy_inprocess, t
         assert plan.layers[name].choice.path == "kitchen_matmul", name
         assert mod.weight._layout_cls == COMFY_NVFP4_LAYOUT, name  # kitchen's NVFP4 handlers read it
         assert torch.equal(mod.weight._qdata, _bytewise_swap(q[f"{name}.weight"])), name
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_block_scales_of_comfyui_loaded_layers_stay_the_files_pages(comfy_inprocess, tmp_path):
+    """ComfyUI builds NVFP4 / MXFP8 params through nn.Parameter, whose detach clones them (a private
+    copy of every block scale); the bridge puts the file's own bytes back, equal to the clone."""
+    from safetensors.torch import load_file
+
+    from wanquant.nodes.bridge import load_wan_model
+
+    path, _, _ = build_seed("comfy_nvfp4_mxfp8_mix", tmp_path)
+    q = load_file(str(path))
+    fmts = {k[:-len(".comfy_quant")]: json.loads(bytes(v.tolist()))["format"] for k, v in q.items()
+            if k.endswith(".comfy_quant")}
+    block = {layer: f for layer, f in fmts.items() if f in ("nvfp4", "mxfp8")}
+    assert set(block.values()) == {"nvfp4", "mxfp8"}
+    model = load_wan_model(str(path)).patcher.model.diffusion_model
+    for layer, f in block.items():
+        params = model.get_submodule(layer).weight._params
+        scales = params.block_scale if f == "nvfp4" else params.scale
+        assert str(path) in _mapped_files(scales.data_ptr()), layer
+        assert torch.equal(scales.reshape(-1).view(torch.uint8), q[f"{layer}.weight_scale"].reshape(-1).view(torch.uint8)), layer
