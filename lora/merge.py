@@ -27,6 +27,7 @@ import torch
 from ..errors import WanquantError
 from ..ops.formats import comfy_quant_tensor, get_format
 from ..loaders import comfy_algos
+from ..loaders.grid_detect import GRID_FORMATS
 from ..ops.formats.gguf import is_gguf
 from ..loaders.canonical import CanonicalModel, Entry, load_canonical
 from .keys import LoraMatch, LoraPatch, lora_key_example, match_lora, read_lora
@@ -261,9 +262,9 @@ def _same_grid_conf(model: CanonicalModel, layer) -> dict:
     one scale per tensor or per row under the same comfy_quant, and the output's header is planned
     from the source's shapes, so a per-tensor layer must stay per tensor."""
     se = model.entries.get(f"{layer.name}.weight_scale")
-    if layer.format == "int8_tensorwise" and se is not None and math.prod(se.shape) == 1:
-        return {**layer.conf, "per_tensor": True}
-    return layer.conf
+    if layer.format not in GRID_FORMATS or se is None:
+        return layer.conf
+    return get_format(layer.format).requant_conf(layer.conf, math.prod(se.shape))
 
 
 def _layer_entries(model: CanonicalModel, layer, items: list[Applied], shape: tuple[int, ...], target: str,

@@ -147,7 +147,8 @@ if QuantizedLayout is not None:
         @classmethod
         def requantize_kwargs(cls, qtensor):
             p = qtensor._params
-            return {"fmt": p.fmt, "block": p.block, "per_tensor": p.scale.numel() == 1}
+            conf = get_format(p.fmt).requant_conf(cls._wq_conf(p.fmt, p.block), p.scale.numel())
+            return {"fmt": p.fmt, "block": p.block, "per_tensor": bool(conf.get("per_tensor"))}
 
         @classmethod
         def dequantize(cls, qdata, params):

@@ -119,6 +119,14 @@ class ScaleGridFormat(QuantFormat):
         return full if out_dtype == torch.float32 else full.to(out_dtype)
 
     # ------------------------------------------------------------------ writing
+    def requant_conf(self, conf: dict, scale_numel: int) -> dict:
+        """The conf that requantizes a layer onto its own grid (a LoRA merge). A row-grid name
+        (``int8_tensorwise``) covers one scale per tensor or per row; a stored one-element scale
+        stays per tensor, so the rewritten layer keeps the shapes its header was planned with."""
+        if self.kind == ROW and scale_numel == 1:
+            return {**conf, "per_tensor": True}
+        return dict(conf)
+
     def quantize(self, w, *, generator=None, stochastic=False, conf=None):
         """amax/qmax per grid cell (all-zero cells get scale 1), then round to nearest."""
         if w.ndim != 2:
