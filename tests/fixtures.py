@@ -106,6 +106,18 @@ def ref_scale_grid(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return q.double() * cell
 
 
+def mapped_files(ptr: int) -> list[str]:
+    """Files whose mapping in this process contains address ``ptr`` (Linux ``/proc/self/maps``)."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= ptr < hi and len(parts) >= 6:
+                out.append(parts[5])
+    return out
+
+
 def tiny_wan(**kw) -> dict[str, torch.Tensor]:
     kw.setdefault("dim", 256)
     kw.setdefault("ffn_dim", 512)

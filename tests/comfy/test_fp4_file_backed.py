@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from fixtures import build_seed, denoise, syn, tiny_wan
+from fixtures import build_seed, denoise, mapped_files as _mapped_files, syn, tiny_wan
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
                                 reason="COMFYUI_PATH is not set; real-ComfyUI tests skipped")
@@ -27,18 +27,6 @@ def _build(folder, order):
     folder.mkdir()
     (folder / "quantize_config.json").write_text(json.dumps({"packing": order}))
     return syn.save(q, folder / "model.safetensors"), q, layers
-
-
-def _mapped_files(ptr: int) -> list[str]:
-    """Files whose mapping in this process contains address ``ptr``."""
-    out = []
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split()
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            if lo <= ptr < hi and len(parts) >= 6:
-                out.append(parts[5])
-    return out
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures import denoise, tiny_wan
+from fixtures import denoise, mapped_files as _mapped_files, tiny_wan
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
                                 reason="COMFYUI_PATH is not set; real-ComfyUI tests skipped")
@@ -25,17 +25,6 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "gguf"
 _spec = importlib.util.spec_from_file_location("make_gguf", DATA / "make_gguf.py")
 recipe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(recipe)
-
-
-def _mapped_files(ptr: int) -> list[str]:
-    out = []
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split()
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            if lo <= ptr < hi and len(parts) >= 6:
-                out.append(parts[5])
-    return out
 
 
 def _reference(path) -> dict[str, torch.Tensor]:

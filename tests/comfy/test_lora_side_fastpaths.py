@@ -31,15 +31,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fixtures import denoise, ref_scale_grid, syn, tiny_wan
+from lora_side_helpers import LAYER, CountKernels, apply as _apply, layer_out as _layer_out, lora_def as _lora_def
 from wanquant.lora.keys import render_lora
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
                                 reason="COMFYUI_PATH is not set; real-ComfyUI tests skipped")
 
-LAYER = "blocks.0.self_attn.q"
 DATA = Path(__file__).resolve().parents[1] / "data" / "gguf"
 GGUF_TYPES = ("Q8_0", "Q4_K", "Q5_0", "Q6_K")
 # name -> (policy, path every quantized block Linear must run, kernel op counted, whole-output tolerance)
@@ -52,19 +51,6 @@ KINDS = {
 }
 FORMAT_OF = {"int8": "int8_tensorwise", "rowwise": "float8_e4m3fn_rowwise", "fp8_block": "float8_e4m3fn_blockwise",
              "int8_block": "int8_blockwise", "gguf": "gguf_q8_0"}
-
-
-class _CountKernels(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = {"_int_mm": 0, "_scaled_mm": 0}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._int_mm.default:
-            self.n["_int_mm"] += 1
-        elif func is torch.ops.aten._scaled_mm.default:
-            self.n["_scaled_mm"] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _gguf_recipe():
@@ -110,18 +96,6 @@ def _model(tmp_path, kind, seed=3):
     return sd, deq, patcher
 
 
-def _lora_def(sd, seed, rank=8):
-    g = torch.Generator().manual_seed(seed)
-    d = {}
-    for layer in syn.quantizable_linears(sd):
-        if layer.startswith("blocks."):
-            o, i = sd[f"{layer}.weight"].shape
-            d[layer] = {"up": torch.randn(o, rank, generator=g) * 0.3 / i ** 0.5,
-                        "down": torch.randn(rank, i, generator=g), "alpha": rank / 2}
-    d[LAYER]["diff_b"] = torch.randn(sd[f"{LAYER}.weight"].shape[0], generator=g) * 0.02
-    return d
-
-
 def _delta_w64(used, layer):
     return sum(s * (d[layer]["alpha"] / d[layer]["down"].shape[0]) * (d[layer]["up"].double() @ d[layer]["down"].double())
                for d, s in used)
@@ -143,28 +117,6 @@ def _full64(sd, deq, used, layer, x):
 
 def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def _apply(model, path, strength, mode="on the fly"):
-    from wanquant.nodes.lora_nodes import apply_lora
-
-    with torch.inference_mode():
-        return apply_lora(model, str(path), strength, mode)
-
-
-def _layer_out(patcher, x, layer=LAYER, **load):
-    """Load ``patcher`` (object patches applied) and run one of its Linears; (y, kernel counts)."""
-    import comfy.model_management as mm
-
-    with torch.inference_mode():
-        if load:
-            patcher.patch_model(device_to=torch.device("cpu"), **load)
-        else:
-            mm.load_models_gpu([patcher])
-        module = patcher.model.diffusion_model.get_submodule(layer)
-        with _CountKernels() as count:
-            y = module(x)
-    return y, count.n
 
 
 def _loras(tmp_path, sd, n):
@@ -283,7 +235,7 @@ def test_lowvram_partial_load_is_bit_identical(comfy_inprocess, tmp_path, kind):
     low_out = denoise(low)
     assert torch.equal(low_out, full_out)
     for layer, want in full.items():  # resident and offloaded layers alike
-        with torch.inference_mode(), _CountKernels() as count:
+        with torch.inference_mode(), CountKernels() as count:
             y = net.get_submodule(layer)(xs[layer])
         assert torch.equal(y, want), (layer, layer in offloaded)
         if op:

@@ -14,38 +14,13 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fixtures import syn, tiny_wan
+from lora_side_helpers import LAYER, apply as _apply, layer_out, lora_def as _lora_def
 from wanquant.lora.keys import render_lora
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
                                 reason="COMFYUI_PATH is not set; real-ComfyUI tests skipped")
-
-LAYER = "blocks.0.self_attn.q"
-
-
-class _CountScaledMM(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._scaled_mm.default:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _lora_def(sd, seed, rank=8):
-    g = torch.Generator().manual_seed(seed)
-    d = {}
-    for layer in syn.quantizable_linears(sd):
-        if layer.startswith("blocks."):
-            o, i = sd[f"{layer}.weight"].shape
-            d[layer] = {"up": torch.randn(o, rank, generator=g) * 0.3 / i ** 0.5,
-                        "down": torch.randn(rank, i, generator=g), "alpha": rank / 2}
-    d[LAYER]["diff_b"] = torch.randn(sd[f"{LAYER}.weight"].shape[0], generator=g) * 0.02
-    return d
 
 
 def _delta64(d, strength, layer, x):
@@ -67,28 +42,6 @@ def _fp8_model(tmp_path, seed=3):
         return sd, layers, load_wan_model(str(path), policy="fp8_matmul", compute_dtype="fp32").patcher
 
 
-def _apply(model, path, strength, mode="on the fly"):
-    from wanquant.nodes.lora_nodes import apply_lora
-
-    with torch.inference_mode():
-        return apply_lora(model, str(path), strength, mode)
-
-
-def _layer_out(patcher, layer, x, **load):
-    """Load ``patcher`` (object patches applied) and run one of its Linears on ``x``."""
-    import comfy.model_management as mm
-
-    with torch.inference_mode():
-        if load:
-            patcher.patch_model(device_to=torch.device("cpu"), **load)
-        else:
-            mm.load_models_gpu([patcher])
-        module = patcher.model.diffusion_model.get_submodule(layer)
-        with _CountScaledMM() as count:
-            y = module(x)
-    return y, count.n
-
-
 def _denoise(patcher):
     import comfy.model_management as mm
 
@@ -107,8 +60,8 @@ def test_fp8_one_and_three_loras_keep_scaled_mm_and_match_fp64(comfy_inprocess, 
              for i, (d, style) in enumerate(zip([d for d, _ in defs], ["comfy", "diffusers", "kohya"]))]
     x = torch.randn(3, 5, 256, generator=torch.Generator().manual_seed(1))
     before = _denoise(base)
-    y0, n0 = _layer_out(base, LAYER, x)
-    assert n0 == 1  # the fp8 kernel ran without a LoRA
+    y0, n0 = layer_out(base, x)
+    assert n0 == {"_int_mm": 0, "_scaled_mm": 1}  # the fp8 kernel ran without a LoRA
 
     one, text = _apply(base, files[0], defs[0][1])
     assert "ran as side path" in text and f"{LAYER}.weight" in text and f"{LAYER}.bias" in text
@@ -118,8 +71,8 @@ def test_fp8_one_and_three_loras_keep_scaled_mm_and_match_fp64(comfy_inprocess, 
         chain, _ = _apply(chain, f, s)
     three = chain
     for model, used in ((one, defs[:1]), (three, defs)):
-        y, n = _layer_out(model, LAYER, x)
-        assert n == 1  # still exactly one _scaled_mm: the LoRA did not turn the fp8 path off
+        y, n = layer_out(model, x)
+        assert n == {"_int_mm": 0, "_scaled_mm": 1}  # still exactly one _scaled_mm: the LoRA did not turn the fp8 path off
         want = sum(_delta64(d, s, LAYER, x) for d, s in used)
         got = y.double() - y0.double()
         assert float((got - want).norm() / want.norm()) < 1e-5
@@ -136,22 +89,22 @@ def test_fp8_one_and_three_loras_keep_scaled_mm_and_match_fp64(comfy_inprocess, 
     # the input MODEL is unchanged after running the LoRA'd clones
     assert base.object_patches == {} and base.patches == {}
     assert torch.equal(_denoise(base), before)
-    assert torch.equal(_layer_out(base, LAYER, x)[0], y0)
+    assert torch.equal(layer_out(base, x)[0], y0)
 
 
 def test_strength_zero_is_bit_identical(comfy_inprocess, tmp_path):
     sd, _, base = _fp8_model(tmp_path, seed=4)
     f = syn.save(render_lora(_lora_def(sd, 21), "comfy"), tmp_path / "a.safetensors")
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(2))
-    y0, _ = _layer_out(base, LAYER, x)
+    y0, _ = layer_out(base, x)
     zero, text = _apply(base, f, 0.0)
-    assert "strength 0" in text and torch.equal(_layer_out(zero, LAYER, x)[0], y0)
+    assert "strength 0" in text and torch.equal(layer_out(zero, x)[0], y0)
     fly, _ = _apply(base, f, 1.0)
     side = fly.object_patches[f"diffusion_model.{LAYER}.wanquant_lora"]
-    assert not torch.equal(_layer_out(fly, LAYER, x)[0], y0)
+    assert not torch.equal(layer_out(fly, x)[0], y0)
     for i in range(len(side.terms)):
         side.set_strength(i, 0.0)  # strength change without a reload
-    assert torch.equal(_layer_out(fly, LAYER, x)[0], y0)
+    assert torch.equal(layer_out(fly, x)[0], y0)
 
 
 def test_lowvram_partial_load_same_output(comfy_inprocess, tmp_path):
@@ -159,15 +112,15 @@ def test_lowvram_partial_load_same_output(comfy_inprocess, tmp_path):
     d = _lora_def(sd, 31)
     f = syn.save(render_lora(d, "comfy"), tmp_path / "a.safetensors")
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(3))
-    y0, _ = _layer_out(base, LAYER, x)
+    y0, _ = layer_out(base, x)
     fly, _ = _apply(base, f, 0.8)
-    full, _ = _layer_out(fly, LAYER, x)
+    full, _ = layer_out(fly, x)
     fly.unpatch_model()
     low = fly.clone()
-    low_y, n = _layer_out(low, LAYER, x, lowvram_model_memory=1, load_weights=True, force_patch_weights=False)
+    low_y, n = layer_out(low, x, lowvram_model_memory=1, load_weights=True, force_patch_weights=False)
     module = low.model.diffusion_model.get_submodule(LAYER)
     assert getattr(module, "comfy_cast_weights", False)  # really partially loaded (lowvram)
-    assert n == 1 and torch.equal(low_y, full)
+    assert n["_scaled_mm"] == 1 and torch.equal(low_y, full)
     want = _delta64(d, 0.8, LAYER, x)
     assert float(((low_y.double() - y0.double()) - want).norm() / want.norm()) < 1e-5
     low.unpatch_model()
@@ -229,7 +182,7 @@ def test_side_path_composes_with_comfyuis_own_lora_loader(comfy_inprocess, tmp_p
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         comfy_only, _ = comfy.sd.load_lora_for_models(base, None, render_lora(theirs, "comfy"), 0.5, 0.0)
-    y_comfy, _ = _layer_out(comfy_only, LAYER, x)
+    y_comfy, _ = layer_out(comfy_only, x)
     comfy_only.unpatch_model()
     for order in ("ours first", "comfy first"):
         if order == "ours first":
@@ -238,7 +191,7 @@ def test_side_path_composes_with_comfyuis_own_lora_loader(comfy_inprocess, tmp_p
                 both, _ = comfy.sd.load_lora_for_models(fly, None, render_lora(theirs, "comfy"), 0.5, 0.0)
         else:
             both, _ = _apply(comfy_only, f, 0.7)
-        y, _ = _layer_out(both, LAYER, x)
+        y, _ = layer_out(both, x)
         both.unpatch_model()
         want = _delta64(ours, 0.7, LAYER, x)
         assert float(((y.double() - y_comfy.double()) - want).norm() / want.norm()) < 1e-5, order
@@ -252,14 +205,14 @@ def test_side_path_survives_a_cached_patcher_init_rebuild(comfy_inprocess, tmp_p
     d = _lora_def(sd, 41)
     f = syn.save(render_lora(d, "comfy"), tmp_path / "a.safetensors")
     x = torch.randn(6, 256, generator=torch.Generator().manual_seed(4))
-    y0, _ = _layer_out(base, LAYER, x)
+    y0, _ = layer_out(base, x)
     fly, _ = _apply(base, f, 0.8)
-    y_fly, _ = _layer_out(fly, LAYER, x)
+    y_fly, _ = layer_out(fly, x)
     with torch.inference_mode():
         rebuilt = fly.clone(force_deepcopy=True)  # ComfyUI's own rebuild through cached_patcher_init
     assert rebuilt.model is not fly.model and rebuilt.model is not base.model
-    y_re, n = _layer_out(rebuilt, LAYER, x)
-    assert n == 1 and torch.equal(y_re, y_fly)
+    y_re, n = layer_out(rebuilt, x)
+    assert n["_scaled_mm"] == 1 and torch.equal(y_re, y_fly)
     got, want = y_re.double() - y0.double(), _delta64(d, 0.8, LAYER, x)
     assert float((got - want).norm() / want.norm()) < 1e-5
     _denoise(rebuilt)
