@@ -57,7 +57,36 @@ def _reader_class():
                 _check_tensor_info(self.wq_path, field.parts, start_offs, size)
             return super()._build_tensors(start_offs, fields)
 
+        def _get_field_parts(self, orig_offs, raw_type):
+            if raw_type == gguf.GGUFValueType.ARRAY:
+                _check_array_length(self, orig_offs, gguf.GGUFValueType)
+            return super()._get_field_parts(orig_offs, raw_type)
+
     return CheckedReader
+
+
+def _check_array_length(reader, offs: int, value_type) -> None:
+    """A metadata array must fit in the bytes after it. gguf-py walks an array item by item and,
+    past the end of the file, reads empty items forever: one corrupt count (2**60) hung a load and
+    grew its memory without bound. Each item takes at least its scalar size (8 bytes for a
+    string's length, 12 for a nested array's header)."""
+    head, count = reader._get(offs, np.uint32), reader._get(offs + 4, np.uint64)
+    if len(head) < 1 or len(count) < 1:
+        raise WanquantError("GGUF metadata array header runs past the end of the file", file=reader.wq_path,
+                            expected="item type and count", found=f"file of {len(reader.data)} bytes")
+    itype, n = int(head[0]), int(count[0])
+    try:
+        vtype = value_type(itype)
+    except ValueError as exc:
+        raise WanquantError("GGUF metadata array has an unknown item type", file=reader.wq_path,
+                            expected="a GGUF value type", found=f"type id {itype}") from exc
+    scalar = reader.gguf_scalar_to_np.get(vtype)
+    least = np.dtype(scalar).itemsize if scalar is not None else (8 if vtype == value_type.STRING else 12)
+    room = len(reader.data) - (offs + 12)
+    if n * least > room:
+        raise WanquantError("GGUF metadata array is longer than the file (corrupt or lying header)",
+                            file=reader.wq_path, expected=f"at most {max(room, 0) // least} items of {vtype.name}",
+                            found=f"{n} items")
 
 
 def _check_tensor_info(path: str, parts, start_offs: int, file_size: int) -> None:

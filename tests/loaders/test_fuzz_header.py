@@ -1,5 +1,6 @@
 """Seeded fuzzing of safetensors headers (issue 12): a few hundred mutations of real quantized files
-(comfy_quant NVFP4/MXFP8/fp8, header ``_quantization_metadata``, FP4 group-32, kijai scaled fp8).
+(comfy_quant NVFP4/MXFP8/fp8, header ``_quantization_metadata``, FP4 group-32, kijai scaled fp8, and
+the producer-made LightX2V NVFP4 / int8 / fp8 and convert_to_quant grid files of issue 14).
 Every one must end in success or exactly one WanquantError: never another exception, never a hang,
 never a large allocation (the inputs are tiny, so time and memory stay bounded)."""
 
@@ -9,16 +10,20 @@ import random
 import struct
 import time
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
-from fixtures import syn
+from fixtures import LIGHTX2V_BLOCKS, syn
 
 from wanquant.errors import WanquantError
 from wanquant.loaders.canonical import load_canonical
 from wanquant.loaders.convert import convert
 
-MUTATIONS = int(os.environ.get("WANQUANT_FUZZ_N", "360"))
+MUTATIONS = int(os.environ.get("WANQUANT_FUZZ_N", "480"))
+DATA = Path(__file__).resolve().parent / "data"
+PRODUCER_FILES = [DATA / "lightx2v" / f"lightx2v_{k}.safetensors" for k in ("int8", "fp8")] + \
+    [DATA / "convert_to_quant" / f"ctq_{k}.safetensors" for k in ("fp8_row", "fp8_block", "int8_block", "hybrid_mxfp8")]
 HOSTILE = [None, True, -1, 2**70, 1.5, "", "F32", [], [[]], {}, {"a": 1}, [-4, -2], [1, 2, 3], ["1"],
            [2**63], [0, 2**64], "x" * 300, [[[[[[[[]]]]]]]]]
 
@@ -37,7 +42,8 @@ def bases(tmp_path_factory):
     q2, m2 = syn.comfy_native(sd, "nvfp4", header_metadata=True)
     return [syn.save(q1, root / "comfy.safetensors", m1), syn.save(q2, root / "hdr.safetensors", m2),
             syn.save(syn.fp4_g32(sd), root / "fp4.safetensors"),
-            syn.save(syn.kijai_scaled_fp8(sd, scale_dtype=torch.float32), root / "kijai.safetensors")]
+            syn.save(syn.kijai_scaled_fp8(sd, scale_dtype=torch.float32), root / "kijai.safetensors"),
+            LIGHTX2V_BLOCKS, *PRODUCER_FILES]
 
 
 def _split(data: bytes):

@@ -7,8 +7,12 @@ never our decoder; the type each layer should have comes from the recipe's assig
 
 import importlib.util
 import json
+import random
+import struct
 import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +181,24 @@ def test_header_lies_about_tensor_count(tmp_path):
     assert err.file == str(path) and ("header" in str(err) or "past the end" in str(err))
 
 
+def test_metadata_array_longer_than_the_file_is_one_error_not_a_hang(tmp_path):
+    """gguf-py parses a metadata array item by item and, past the end of the file, never stops: a
+    corrupt count hung the load with growing memory (found by fuzzing). Run in a child process so
+    a regression fails on the timeout instead of hanging the suite."""
+    path = _small(tmp_path)
+    r = gguf.GGUFReader(str(path))
+    name = next(k for k, f in r.fields.items() if f.types and f.types[0] == gguf.GGUFValueType.ARRAY)
+    count_at = int(r.fields[name].offset) + 8 + len(name.encode()) + 4 + 4  # key len, key, value type, item type
+    del r
+    raw = bytearray(path.read_bytes())
+    raw[count_at:count_at + 8] = (2**60).to_bytes(8, "little")
+    path.write_bytes(bytes(raw))
+    code = ("import sys\nfrom wanquant.errors import WanquantError\nfrom wanquant.loaders.canonical import load_canonical\n"
+            "try:\n    load_canonical(sys.argv[1])\nexcept WanquantError as e:\n    print(e.found, '|', e.expected)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and f"{2**60} items" in out.stdout, out.stderr[-2000:]
+
+
 def test_bad_magic(tmp_path):
     path = tmp_path / "x.gguf"
     path.write_bytes(b"NOPE" + bytes(100))
@@ -216,3 +238,52 @@ def test_failed_convert_leaves_destination_untouched(tmp_path):
     with pytest.raises(WanquantError):
         convert(path, dst, to="bf16")
     assert dst.read_bytes() == b"keep"
+
+
+def _mutate_gguf(rng: random.Random, data: bytes, header_end: int) -> bytes:
+    b = bytearray(data)
+    kind = rng.randrange(5)
+    if kind == 0:  # bytes flipped in the header (magic, counts, keys, value types, tensor infos)
+        for _ in range(rng.randrange(1, 8)):
+            b[rng.randrange(header_end)] = rng.randrange(256)
+    elif kind == 1:  # a hostile 64-bit count or offset somewhere in the header
+        pos = rng.randrange(header_end - 8)
+        b[pos:pos + 8] = struct.pack("<Q", rng.choice([0, 1, 7, 2**31, 2**40, 2**63 - 1, 2**64 - 1]))
+    elif kind == 2:  # a hostile 32-bit type id or dimension count
+        pos = rng.randrange(header_end - 4)
+        b[pos:pos + 4] = struct.pack("<I", rng.choice([0, 1, 9, 12, 13, 30, 31, 255, 2**31, 2**32 - 1]))
+    elif kind == 3:  # truncation anywhere
+        b = b[: rng.randrange(len(b))]
+    else:  # bytes flipped in the tensor data
+        for _ in range(rng.randrange(1, 64)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+    return bytes(b)
+
+
+def test_gguf_mutations_end_in_one_error_or_success(tmp_path):
+    """Seeded fuzzing of a producer-written GGUF: every mutation ends in success or exactly one
+    WanquantError, never another exception or a hang (one corrupt array count once hung gguf-py)."""
+    base = _small(tmp_path, "base.gguf")
+    data = base.read_bytes()
+    r = gguf.GGUFReader(str(base))
+    header_end = int(r.data_offset)
+    del r
+    rng = random.Random(20261201)
+    failures, outcomes = [], {"ok": 0, "error": 0}
+    t0 = time.perf_counter()
+    for i in range(240):
+        p = tmp_path / f"m{i % 4}.gguf"
+        p.write_bytes(_mutate_gguf(rng, data, header_end))
+        try:
+            model = load_canonical(p, collect_errors=True)
+            if not model.report.errors:
+                convert(p, tmp_path / "out.safetensors", to="bf16")
+            outcomes["ok"] += 1
+        except WanquantError as err:
+            assert "\n" not in str(err)
+            outcomes["error"] += 1
+        except Exception:  # noqa: BLE001 - the point of the test
+            failures.append(f"mutation {i}: {traceback.format_exc(limit=-3)}")
+    assert not failures, f"{len(failures)} tracebacks; first:\n" + "\n".join(failures[:5])
+    assert outcomes["error"] > 40 and outcomes["ok"] > 40  # the mutations bite, and not all of them
+    assert time.perf_counter() - t0 < 60
