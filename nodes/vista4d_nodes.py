@@ -7,12 +7,16 @@ message naming the input instead of a shape error deep inside sampling.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from comfy_api.latest import io
 
 from ..errors import WanquantError
 from ..vista4d import camera as cam
 from ..vista4d import streams
+
+log = logging.getLogger(__name__)
 
 CameraPath = io.Custom("WANQUANT_VISTA4D_CAMERA")   # a trajectory request (preset or file)
 TargetCameras = io.Custom("WANQUANT_VISTA4D_CAMERAS")  # resolved per-frame target c2w + intrinsics
@@ -124,9 +128,34 @@ class WanQuantVista4DRender(io.ComfyNode):
             c2w_tgt = c2w_src @ cam.preset_motion(camera["preset"], f, camera["amount"], pivot)
             intr_tgt = intr_src.clone()
         dyn = None if dynamic_mask is None else dynamic_mask > 0.5
-        rgb, alpha, motion = render_video(source[..., :3].double(), z, c2w_src, c2w_tgt, intr_src, intr_tgt, dyn)
+        args = (source[..., :3].double(), z, c2w_src, c2w_tgt, intr_src, intr_tgt, dyn)
+        rgb, alpha, motion = _render_on_device(render_video, args, f)
         return io.NodeOutput(rgb.float(), alpha.float(), motion.float(),
                              {"c2w": c2w_tgt, "intrinsics": intr_tgt, "height": h, "width": w})
+
+
+def _render_on_device(render_video, args, frames):
+    """Render on ComfyUI's torch device (the GPU when there is one: a static-masked 81-frame clip
+    draws every static point in every frame), one progress step per frame (ComfyUI's progress hook
+    also stops an interrupted run there); a GPU without the memory for it falls back to the CPU."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    device = mm.get_torch_device()
+    pbar = comfy.utils.ProgressBar(frames)
+
+    def run(dev):
+        pbar.update_absolute(0, frames)
+        return render_video(*args, device=dev, frame_done=lambda i: pbar.update_absolute(i + 1, frames))
+
+    try:
+        return run(device)
+    except mm.OOM_EXCEPTION:
+        if device.type == "cpu":
+            raise
+        log.warning("wanquant: Vista4D point-cloud render ran out of memory on %s; rendering on the CPU", device)
+        mm.soft_empty_cache()
+        return run(torch.device("cpu"))
 
 
 class WanQuantVista4DConditioning(io.ComfyNode):

@@ -45,6 +45,8 @@ NAMES: dict[str, Use] = {
     "comfy.model_management.get_torch_device": Use(0),
     "comfy.model_management.unet_manual_cast": Use(3),
     "comfy.model_management.cast_to_device": Use(3),
+    "comfy.model_management.OOM_EXCEPTION": Use(),  # Vista4D render: a GPU short of memory falls back to the CPU
+    "comfy.model_management.soft_empty_cache": Use(0),
     "comfy.sd.load_diffusion_model_state_dict": Use(1, ("model_options", "metadata", "disable_dynamic")),
     "comfy_kitchen.tensor.BaseLayoutParams": Use(None, ("scale", "orig_dtype", "orig_shape")),
     "comfy_kitchen.tensor.QuantizedLayout": Use(),

@@ -108,3 +108,39 @@ def test_wrong_wiring_is_one_clear_error(comfy_inprocess, tmp_path):
     camera = _node("WanQuantVista4DCamera")("file", 0.0, 0.0, str(np_path)).args[0]
     with pytest.raises(WanquantError, match="frame count"):
         _node("WanQuantVista4DRender")(source, depth, camera, "inverse (bright = near)", 1.0, 10.0, 60.0, "")
+
+
+def test_render_node_reports_progress_and_falls_back_to_cpu_when_the_gpu_is_short_of_memory(comfy_inprocess,
+                                                                                             monkeypatch, caplog):
+    """The render runs on ComfyUI's device; a GPU out of memory retries on the CPU (same result) with
+    a warning, and the progress bar counts every frame. The GPU is faked: only its OOM is simulated."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    from wanquant.nodes import vista4d_nodes
+    from wanquant.vista4d import render
+
+    source, depth = _inputs()
+    on_cpu = _render(source, depth)
+    calls, steps = [], []
+    real = render.render_video
+
+    def short_gpu(*args, device=None, frame_done=None):
+        calls.append(torch.device(device).type)
+        if torch.device(device).type != "cpu":
+            frame_done(0)
+            raise mm.OOM_EXCEPTION("faked: out of memory")
+        return real(*args, device=device, frame_done=frame_done)
+
+    monkeypatch.setattr(render, "render_video", short_gpu)
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(mm, "soft_empty_cache", lambda *a, **k: None)
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute",
+                        lambda self, value, total=None, preview=None: steps.append(value))
+    with caplog.at_level("WARNING", logger=vista4d_nodes.__name__):
+        fallback = _render(source, depth)
+    assert calls == ["cuda", "cpu"]
+    assert "rendering on the CPU" in caplog.text
+    assert steps[-1] == F and steps[-F - 1] == 0  # restarted at 0, then one step per frame
+    for a, b in zip(on_cpu[:3], fallback[:3]):
+        assert torch.equal(a, b)

@@ -33,6 +33,27 @@ def test_point_behind_the_camera_and_outside_the_image_draw_nothing():
     assert not alpha.any()
 
 
+def test_points_near_the_camera_plane_or_far_off_screen_never_wrap_onto_the_image():
+    """Projections of 1e9 pixels (a point just in front of the camera) or at the image's edge: only
+    the on-screen part of a footprint is drawn; nothing wraps around through an integer overflow."""
+    pts = torch.tensor([[1.0, 1.0, 2e-5], [-1.0, -1.0, 2e-5], [1e12, 0.0, 1.0], [-0.275, 0.0, 1.0]], dtype=torch.float64)
+    rgb, alpha, _ = render_frame(torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0]], dtype=torch.float64),
+                                 pts, torch.ones(4, dtype=torch.bool), EYE, _K(10, 2.75, 2.5), 6, 8)
+    # the last point: u = 10 * -0.275 + 2.75 = 0.0 exactly, v = 2.5: columns 0 (weight 1) and 1 (weight 0)
+    want = torch.zeros(6, 8, dtype=torch.bool)
+    want[2:4, 0] = True
+    assert torch.equal(alpha, want)
+    assert torch.allclose(rgb[alpha], torch.tensor([0, 1.0, 0], dtype=torch.float64).expand(2, 3))
+
+
+def test_render_video_reports_each_frame_and_renders_on_the_device_asked():
+    video, depths, cams, intr = _flat_scene(frames=3)
+    seen = []
+    rgb, alpha, motion = render_video(video, depths, cams, cams, intr, intr, device="cpu", frame_done=seen.append)
+    assert seen == [0, 1, 2] and rgb.device.type == alpha.device.type == motion.device.type == "cpu"
+    assert alpha.all()
+
+
 @pytest.mark.parametrize("near_first", [True, False])
 def test_nearest_surface_wins_regardless_of_point_order(near_first):
     near = torch.tensor([0.1, 0.0, 2.0], dtype=torch.float64)
