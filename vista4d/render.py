@@ -45,16 +45,18 @@ def unproject(video, depths, c2w, K, dynamic, static):
     return video.reshape(-1, 3)[keep], world.reshape(-1, 3)[keep], frame, is_static
 
 
-def render_frame(colors, points, dynamic, c2w, K, height, width):
-    """One target view: ``(rgb h w 3, alpha h w, motion h w)``.
+#: points projected per pass: bounds a frame's temporaries (~100 bytes per fragment, 4 per point,
+#: so ~0.8 GB) whatever the scene size; a static-masked 81-frame 480x832 clip draws ~16 M points
+#: per frame. A frame with more points projects them twice (once per pass) rather than hold them.
+CHUNK_POINTS = 1 << 21
 
-    Fragments that miss the view (behind the camera, off screen, zero weight, or farther than the
-    tolerance from their pixel's nearest surface) are routed to one extra "dump" pixel or given
-    weight 0 instead of being cut out with boolean masks: the same sums, without the compaction
-    passes that took most of a frame's time."""
-    dt, dev = points.dtype, points.device
-    n_pix = height * width
-    w2c = torch.linalg.inv(c2w.to(dt))
+
+def _footprint(points, w2c, K, height, width):
+    """The bilinear footprint of each point: (pixel index, depth, weight, valid) for its 4
+    fragments (point-major within each corner). Fragments that miss the view (behind the camera,
+    off screen, zero weight) go to pixel ``height * width``, a dump bin, instead of being cut out
+    with boolean masks: the same sums, without the compaction passes."""
+    dt = points.dtype
     cam = points @ w2c[:3, :3].T + w2c[:3, 3]
     z = cam[:, 2]
     front = z > 1e-5
@@ -69,19 +71,35 @@ def render_frame(colors, points, dynamic, c2w, K, height, width):
     uf = torch.cat((u0, u0, u0 + 1, u0 + 1))
     vf = torch.cat((v0, v0 + 1, v0, v0 + 1))
     wg = torch.cat(((1 - du) * (1 - dv), (1 - du) * dv, du * (1 - dv), du * dv))
-    zf, cf, mf = z.repeat(4), colors.repeat(4, 1), dynamic.repeat(4).to(torch.float64)
-    wf = wg.to(torch.float64) * zf.to(torch.float64).clamp(min=0.1).pow(-OCCLUSION_SHARPNESS).clamp(min=1e-10)
+    zf = z.repeat(4).to(torch.float64)
+    wf = wg.to(torch.float64) * zf.clamp(min=0.1).pow(-OCCLUSION_SHARPNESS).clamp(min=1e-10)
     valid = front.repeat(4) & (uf >= 0) & (uf < width) & (vf >= 0) & (vf < height) & (wf > 0)
-    idx = torch.where(valid, vf * width + uf, n_pix)
-    # nearest fragment per pixel, then only fragments within tolerance of it count (order-free:
-    # a minimum and sums, so no depth sort of the fragments is needed)
-    zmin = torch.full((n_pix + 1,), float("inf"), dtype=torch.float64, device=dev).scatter_reduce(
-        0, idx, zf.to(torch.float64), reduce="amin")
-    near = valid & ((torch.log1p(zf.to(torch.float64)) - torch.log1p(zmin[idx])).abs() <= Z_TOLERANCE)
-    wf = torch.where(near, wf, 0.0)
-    acc_c = torch.zeros(n_pix + 1, 3, dtype=torch.float64, device=dev).index_add_(0, idx, cf.to(torch.float64) * wf[:, None])
-    acc_w = torch.zeros(n_pix + 1, dtype=torch.float64, device=dev).index_add_(0, idx, wf)
-    acc_m = torch.zeros(n_pix + 1, dtype=torch.float64, device=dev).index_add_(0, idx, mf * wf)
+    return torch.where(valid, vf * width + uf, height * width), zf, wf, valid
+
+
+def render_frame(colors, points, dynamic, c2w, K, height, width):
+    """One target view: ``(rgb h w 3, alpha h w, motion h w)``. Two passes over the points (in
+    chunks of :data:`CHUNK_POINTS`): the nearest fragment per pixel, then the blend of the
+    fragments within tolerance of it (order-free: a minimum and sums, so no depth sort)."""
+    dev = points.device
+    n_pix = height * width
+    w2c = torch.linalg.inv(c2w.to(points.dtype))
+    chunks = [slice(i, i + CHUNK_POINTS) for i in range(0, points.shape[0], CHUNK_POINTS)]
+    zmin = torch.full((n_pix + 1,), float("inf"), dtype=torch.float64, device=dev)
+    kept = None
+    for c in chunks:
+        kept = _footprint(points[c], w2c, K, height, width)
+        zmin.scatter_reduce_(0, kept[0], kept[1], reduce="amin")
+    acc_c = torch.zeros(n_pix + 1, 3, dtype=torch.float64, device=dev)
+    acc_w = torch.zeros(n_pix + 1, dtype=torch.float64, device=dev)
+    acc_m = torch.zeros(n_pix + 1, dtype=torch.float64, device=dev)
+    for c in chunks:
+        idx, zf, wf, valid = kept if len(chunks) == 1 else _footprint(points[c], w2c, K, height, width)
+        near = valid & ((torch.log1p(zf) - torch.log1p(zmin[idx])).abs() <= Z_TOLERANCE)
+        wf = torch.where(near, wf, 0.0)
+        acc_c.index_add_(0, idx, colors[c].repeat(4, 1).to(torch.float64) * wf[:, None])
+        acc_w.index_add_(0, idx, wf)
+        acc_m.index_add_(0, idx, dynamic[c].repeat(4).to(torch.float64) * wf)
     acc_c, acc_w, acc_m = acc_c[:n_pix], acc_w[:n_pix], acc_m[:n_pix]
     alpha = acc_w > 1e-16
     rgb = torch.zeros(n_pix, 3, dtype=torch.float64, device=dev)

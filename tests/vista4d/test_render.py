@@ -1,11 +1,12 @@
-"""Point-cloud renderer: hand-computed projections, z-buffer order, alpha/motion semantics."""
-
-import math
+"""Point-cloud renderer: hand-computed projections, z-buffer order, alpha/motion semantics.
+The multi-point cases also run with one point per pass (``CHUNK_POINTS = 1``): the nearest
+surface and the blend must come out the same when the fragments arrive in separate passes."""
 
 import pytest
 import torch
 
 from wanquant.errors import WanquantError
+from wanquant.vista4d import render
 from wanquant.vista4d.render import render_frame, render_video
 
 EYE = torch.eye(4, dtype=torch.float64)
@@ -54,8 +55,15 @@ def test_render_video_reports_each_frame_and_renders_on_the_device_asked():
     assert alpha.all()
 
 
+@pytest.fixture(params=["one pass", "a pass per point"])
+def passes(request, monkeypatch):
+    if request.param == "a pass per point":
+        monkeypatch.setattr(render, "CHUNK_POINTS", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("near_first", [True, False])
-def test_nearest_surface_wins_regardless_of_point_order(near_first):
+def test_nearest_surface_wins_regardless_of_point_order(near_first, passes):
     near = torch.tensor([0.1, 0.0, 2.0], dtype=torch.float64)
     far = near * 2.0  # same ray, twice as far: same (u, v)
     pts = torch.stack((near, far) if near_first else (far, near))
@@ -66,7 +74,7 @@ def test_nearest_surface_wins_regardless_of_point_order(near_first):
     assert not motion.any()  # the static near surface hides the dynamic far one
 
 
-def test_surfaces_within_two_percent_blend_by_inverse_depth_power_ten():
+def test_surfaces_within_two_percent_blend_by_inverse_depth_power_ten(passes):
     a = torch.tensor([0.1, 0.0, 2.0], dtype=torch.float64)
     b = a * 1.01  # same pixel, 1 % further: |log1p(2.02) - log1p(2)| = 0.0066 <= 0.02
     rgb, _, motion = render_frame(torch.tensor([[1.0, 0, 0], [0, 0, 1.0]], dtype=torch.float64), torch.stack((a, b)),
@@ -84,7 +92,7 @@ def _flat_scene(frames=1, h=4, w=4):
     return video, depths, cams, intr
 
 
-def test_same_camera_gives_upstreams_half_pixel_box_filter():
+def test_same_camera_gives_upstreams_half_pixel_box_filter(passes):
     video, depths, cams, intr = _flat_scene()
     rgb, alpha, motion = render_video(video, depths, cams, cams, intr, intr)
     assert alpha.all() and motion.all()  # default masks: everything dynamic (Wan2GP's default)
