@@ -128,7 +128,7 @@ class WanQuantVista4DRender(io.ComfyNode):
             c2w_tgt = c2w_src @ cam.preset_motion(camera["preset"], f, camera["amount"], pivot)
             intr_tgt = intr_src.clone()
         dyn = None if dynamic_mask is None else dynamic_mask > 0.5
-        args = (source[..., :3].double(), z, c2w_src, c2w_tgt, intr_src, intr_tgt, dyn)
+        args = (source[..., :3].float(), z, c2w_src, c2w_tgt, intr_src, intr_tgt, dyn)
         rgb, alpha, motion = _render_on_device(render_video, args, f)
         return io.NodeOutput(rgb.float(), alpha.float(), motion.float(),
                              {"c2w": c2w_tgt, "intrinsics": intr_tgt, "height": h, "width": w})

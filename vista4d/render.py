@@ -31,18 +31,30 @@ def unproject(video, depths, c2w, K, dynamic, static):
     """``f h w 3`` colours, ``f h w`` depths/masks → points (colour, world xyz), the frame each
     came from and whether it is static, pixel centres at +0.5 as upstream. A dynamic point is
     visible only in its own frame, a static one in every frame (two vectors, not an n x f matrix:
-    that was 2.6 GB of booleans for 81 frames at 480x832)."""
+    that was 2.6 GB of booleans for 81 frames at 480x832). Frame by frame into preallocated
+    outputs, so no whole-clip pixel grids are held beside them."""
     f, h, w, _ = video.shape
     dt, dev = depths.dtype, depths.device
-    fi, hi, wi = torch.meshgrid(*(torch.arange(n, device=dev) for n in (f, h, w)), indexing="ij")
-    pix = torch.stack((wi, hi, torch.ones_like(hi)), dim=-1).to(dt)
-    pix[..., :2] += 0.5
-    cam = (pix.flatten(1, 2) @ torch.linalg.inv(K.to(dt)).mT) * depths.flatten(1, 2)[..., None]
-    world = cam @ c2w[:, :3, :3].to(dt).mT + c2w[:, None, :3, 3].to(dt)
-    keep = (dynamic | static).reshape(-1)
-    frame = fi.reshape(-1)[keep]
-    is_static = static.reshape(-1)[keep]
-    return video.reshape(-1, 3)[keep], world.reshape(-1, 3)[keep], frame, is_static
+    hi, wi = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
+    pix = torch.stack((wi, hi, torch.ones_like(hi)), dim=-1).to(dt).reshape(-1, 3)
+    pix[:, :2] += 0.5
+    keep = (dynamic | static).reshape(f, -1)
+    counts = keep.sum(dim=1).tolist()
+    n = sum(counts)
+    colors = torch.empty(n, 3, dtype=video.dtype, device=dev)
+    points = torch.empty(n, 3, dtype=dt, device=dev)
+    frame = torch.empty(n, dtype=torch.long, device=dev)
+    is_static = torch.empty(n, dtype=torch.bool, device=dev)
+    start = 0
+    for i, count in enumerate(counts):
+        k, end = keep[i], start + count
+        cam = (pix[k] @ torch.linalg.inv(K[i].to(dt)).T) * depths[i].reshape(-1)[k][:, None]
+        points[start:end] = cam @ c2w[i, :3, :3].to(dt).T + c2w[i, :3, 3].to(dt)
+        colors[start:end] = video[i].reshape(-1, 3)[k]
+        frame[start:end] = i
+        is_static[start:end] = static[i].reshape(-1)[k]
+        start = end
+    return colors, points, frame, is_static
 
 
 #: points projected per pass: bounds a frame's temporaries (~100 bytes per fragment, 4 per point,
@@ -135,7 +147,7 @@ def render_video(video: torch.Tensor, depths: torch.Tensor, c2w_src: torch.Tenso
     def on(t, dtype=None):
         return t.to(device=dev, dtype=dtype)
 
-    colors, points, frame, is_static = unproject(on(video, dt), on(depths, dt), on(c2w_src, dt),
+    colors, points, frame, is_static = unproject(on(video), on(depths, dt), on(c2w_src, dt),
                                                  K_from(intr_src.to(dt)).to(dev), on(dynamic), on(static))
     # upstream: a point seen in exactly one frame is dynamic (a static point too, in a one-frame clip)
     # static points are drawn in every frame; dynamic ones (frame-major, as unproject lists them)
@@ -145,7 +157,7 @@ def render_video(video: torch.Tensor, depths: torch.Tensor, c2w_src: torch.Tenso
     ends = torch.searchsorted(d_frame, torch.arange(f, device=dev), right=True).tolist()
     s_dyn = torch.full((s_pts.shape[0],), f == 1, dtype=torch.bool, device=dev)
     K_tgt = K_from(intr_tgt.to(dt))
-    rgb = torch.zeros(f, h, w, 3, dtype=dt)
+    rgb = torch.zeros(f, h, w, 3, dtype=video.dtype)  # blended in fp64, stored in the video's dtype
     alpha = torch.zeros(f, h, w, dtype=torch.bool)
     motion = torch.zeros(f, h, w, dtype=torch.bool)
     for i in range(f):
