@@ -191,13 +191,36 @@ class Vista4DWanModel(comfy.ldm.wan.model.WanModel):
         e = e.reshape(t.shape[0], -1, e.shape[-1])
         e0 = self.time_projection(e).unflatten(2, (6, self.dim))
         context = self.text_embedding(context)
+        x = self._wq_blocks(x, e0, freqs, context, cam, transformer_options)
+        x = self.head(x, e)[:, :n]
+        return self.unpatchify(x, grid)
+
+
+    def _wq_blocks(self, x, e0, freqs, context, cam, transformer_options):
+        """The block loop with ComfyUI's extension points, as ``WanModel.forward_orig`` offers
+        them: a ``("double_block", i)`` replace patch gets the block as ``original_block`` (over
+        all three streams' tokens), and ``double_block`` patches see each block's output."""
+        blocks_replace = transformer_options.get("patches_replace", {}).get("dit", {})
+        after = transformer_options.get("patches", {}).get("double_block", [])
+        x_input = x
         transformer_options["total_blocks"] = len(self.blocks)
         transformer_options["block_type"] = "double"
         for i, block in enumerate(self.blocks):
             transformer_options["block_index"] = i
-            x = _wq_block(block, x, e0, freqs, context, cam, transformer_options)
-        x = self.head(x, e)[:, :n]
-        return self.unpatchify(x, grid)
+            if ("double_block", i) in blocks_replace:
+                def original(args, block=block):
+                    return {"img": _wq_block(block, args["img"], args["vec"], args["pe"], args["txt"], cam,
+                                             args["transformer_options"])}
+
+                x = blocks_replace[("double_block", i)]({"img": x, "txt": context, "vec": e0, "pe": freqs,
+                                                         "transformer_options": transformer_options},
+                                                        {"original_block": original})["img"]
+            else:
+                x = _wq_block(block, x, e0, freqs, context, cam, transformer_options)
+            for p in after:
+                x = p({"img": x, "x": x_input, "vec": e0, "block_index": i, "img_offset": 0,
+                       "transformer_options": transformer_options})["img"]
+        return x
 
 
 def _wq_block(block, x, e, freqs, context, cam, transformer_options):

@@ -39,11 +39,14 @@ def _load(tmp_path, sd, **kw):
     return load_wan_model(str(path), compute_dtype="fp32", **kw)
 
 
+def _conds(d, **over):
+    return {"vista4d_source": d["source_video_latents"], "vista4d_render": d["point_cloud_video_latents"],
+            "vista4d_source_mask": d["source_mask_latents"], "vista4d_render_mask": d["point_cloud_mask_latents"],
+            "vista4d_cam": d["cam_emb"], **over}
+
+
 def _run(dm, d, **over):
-    conds = {"vista4d_source": d["source_video_latents"], "vista4d_render": d["point_cloud_video_latents"],
-             "vista4d_source_mask": d["source_mask_latents"], "vista4d_render_mask": d["point_cloud_mask_latents"],
-             "vista4d_cam": d["cam_emb"], **over}
-    return dm(d["latents"], d["timestep"], d["context"], transformer_options={}, **conds)
+    return dm(d["latents"], d["timestep"], d["context"], transformer_options={}, **_conds(d, **over))
 
 
 @pytest.mark.parametrize("policy", ["auto", "comfy_native"])
@@ -88,3 +91,36 @@ def test_sampling_without_conditioning_is_one_clear_error(comfy_inprocess, tmp_p
     assert "vista4d_cam" in e.value.found
     with pytest.raises(WanquantError, match="does not match the latent"):
         _run(dm, d, vista4d_source=d["source_video_latents"][:, :, :1])
+
+
+def test_comfyuis_block_patches_run_inside_the_vista4d_forward(comfy_inprocess, tmp_path):
+    """A ("double_block", i) replace patch (what speed-up and block-swap packs register) gets the
+    Vista4D block as original_block, over all three streams; calling it gives the upstream output
+    unchanged, and what a patch returns is what the next block sees."""
+    from tiny import tiny_vista4d
+
+    d, _ = _data()
+    dm = _load(tmp_path, tiny_vista4d()).patcher.model.diffusion_model
+    seen = []
+
+    def passthrough(args, extra):
+        seen.append((args["transformer_options"]["block_index"], tuple(args["img"].shape)))
+        return extra["original_block"](args)
+
+    def damped(args, extra):
+        out = extra["original_block"](args)
+        return {"img": out["img"] * 0.5}
+
+    n = len(dm.blocks)
+    with torch.inference_mode():
+        plain = _run(dm, d).float()
+        opts = {"patches_replace": {"dit": {("double_block", i): passthrough for i in range(n)}}}
+        patched = dm(d["latents"], d["timestep"], d["context"], transformer_options=opts,
+                     **_conds(d)).float()
+        opts = {"patches_replace": {"dit": {("double_block", 0): damped}}}
+        changed = dm(d["latents"], d["timestep"], d["context"], transformer_options=opts, **_conds(d)).float()
+    assert [i for i, _ in seen] == list(range(n))
+    target_tokens = d["latents"].shape[2] * (d["latents"].shape[3] // 2) * (d["latents"].shape[4] // 2)
+    assert all(shape[1] == 3 * target_tokens for _, shape in seen)  # target, render and source streams
+    assert torch.equal(patched, plain) and (plain - d["output"]).abs().max().item() <= 1e-4
+    assert (changed - plain).abs().max().item() > 1e-3
