@@ -119,6 +119,10 @@ def test_comfyuis_block_patches_run_inside_the_vista4d_forward(comfy_inprocess, 
                      **_conds(d)).float()
         opts = {"patches_replace": {"dit": {("double_block", 0): damped}}}
         changed = dm(d["latents"], d["timestep"], d["context"], transformer_options=opts, **_conds(d)).float()
+        after = []
+        opts = {"patches": {"double_block": [lambda a: after.append(a["block_index"]) or {"img": a["img"]}]}}
+        post = dm(d["latents"], d["timestep"], d["context"], transformer_options=opts, **_conds(d)).float()
+    assert after == list(range(n)) and torch.equal(post, plain)
     assert [i for i, _ in seen] == list(range(n))
     target_tokens = d["latents"].shape[2] * (d["latents"].shape[3] // 2) * (d["latents"].shape[4] // 2)
     assert all(shape[1] == 3 * target_tokens for _, shape in seen)  # target, render and source streams
