@@ -1,7 +1,8 @@
 #!/bin/bash
 # On the GPU machine, from the repo root, with .gpu carried (see bundle.sh):
 #     bash benchmarks/device/run.sh [full|lora|comfy]     (default full; results under $OUT)
-# full: gpu_check (correctness, speed, ComfyUI) + bench_lora --forward, about 2.5 minutes on an H200.
+# full: gpu_check (correctness, speed, ComfyUI) + bench_lora --forward + the Vista4D render at 81
+# frames (all-dynamic and half-static), about 3 minutes on an H200.
 set -u
 what=${1:-full}
 R=$PWD
@@ -21,3 +22,5 @@ case $what in
          echo "gpu_check rc=$?"; grep -E "^(PASS|FAIL|SKIP|SUMMARY)" "$OUT/gpu_check.log" ;;
 esac
 timeout 60 python3 -m wanquant.benchmarks.bench_lora --forward --reps 30 2>&1 | tee "$OUT/bench_lora.log"
+timeout 120 python3 -m wanquant.benchmarks.bench_vista4d_render --frames 81 --static 0 0.5 --devices cuda --runs 3 \
+    2>&1 | tee "$OUT/bench_vista4d_render.log"
