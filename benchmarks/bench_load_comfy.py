@@ -55,6 +55,7 @@ COMFY_QUANT = {"int8": b'{"format": "int8_tensorwise"}', "nvfp4": b'{"format": "
 CASES = ("stock", "auto", "comfy_native", "diffusers")
 #: --format -> what stock ComfyUI loads in the same run: the same weights in a format it reads
 STOCK_TWIN = {"lightx2v_nvfp4": "nvfp4"}
+CITY96_ENV = "WANQUANT_CITY96"  # a ComfyUI-GGUF checkout: the `stock` case of --format gguf
 
 
 # ---------------------------------------------------------------------- checkpoint builder
@@ -119,6 +120,53 @@ def _random(shape, dtype, gen, key="", fmt="fp8"):
     if shape == ():
         return torch.tensor(0.01, dtype=dtype)
     return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+
+
+def build_gguf(path: Path, gib: float) -> Path:
+    """The same Wan-14B-shaped model as GGUF the way city96's ``tools/convert.py`` writes it: block
+    Linear weights Q8_0 (random valid blocks), 1-D tensors and modulations F32, the rest F16."""
+    import gguf
+    import numpy as np
+
+    from ..ops.formats.gguf import example_tensors
+
+    if path.exists():
+        return path
+    per_block = sum(torch.Size(s).numel() for k, s, d in _block_tensors(0, "fp8") if d == torch.float8_e4m3fn)
+    blocks = max(1, round(gib * 2**30 / (per_block * 34 / 32)))
+    gen = torch.Generator().manual_seed(0)
+    w = gguf.GGUFWriter(str(path), arch="wan")
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    specs = [t for t in _top_tensors("gguf") + [t for b in range(blocks) for t in _block_tensors(b, "fp8")]
+             if not t[0].endswith(".scale_weight")]
+    for key, shape, dtype in specs:
+        if dtype == torch.float8_e4m3fn:  # a block Linear weight
+            t, _ = example_tensors("Q8_0", tuple(shape), gen)
+            w.add_tensor(key, t["weight"].numpy(), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            arr = _random(shape, torch.float32, gen, key).numpy()
+            w.add_tensor(key, arr if len(shape) == 1 or "modulation" in key else arr.astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _city96_load(file: str):
+    """city96's *Unet Loader (GGUF)*: its ``gguf_sd_loader`` into ComfyUI with its ``GGMLOps``."""
+    import importlib
+    import types
+
+    import comfy.sd
+
+    root = os.environ[CITY96_ENV]
+    pkg = types.ModuleType("city96_gguf")
+    pkg.__path__ = [root]  # its modules only; its __init__ registers nodes with a running server
+    sys.modules["city96_gguf"] = pkg
+    ops = importlib.import_module("city96_gguf.ops").GGMLOps()
+    sd = importlib.import_module("city96_gguf.loader").gguf_sd_loader(file)
+    return comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": ops})
 
 
 def build(path: Path, gib: float, diffusers: bool, fmt: str = "fp8") -> Path:
@@ -196,7 +244,9 @@ def child(case: str, file: str, mode: str = "legacy") -> dict:
     peak = _Peak()
     peak.start()
     t0 = time.perf_counter()
-    if case == "stock":
+    if case == "stock" and file.endswith(".gguf"):
+        model = _city96_load(file)
+    elif case == "stock":
         model = comfy.sd.load_diffusion_model(file)
     else:
         policy = "comfy_native" if case == "comfy_native" else "auto"
@@ -264,10 +314,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default="bench_out/load_comfy", help="where the checkpoints are built (kept)")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--modes", nargs="+", default=["legacy", "assign"], choices=["legacy", "assign"])
-    ap.add_argument("--format", choices=["fp8", "int8", "lightx2v_nvfp4"], default="fp8",
+    ap.add_argument("--city96", help="a ComfyUI-GGUF checkout (city96): with --format gguf, the `stock` case is its "
+                                     "Unet Loader (GGUF), since stock ComfyUI reads no GGUF")
+    ap.add_argument("--format", choices=["fp8", "int8", "lightx2v_nvfp4", "gguf"], default="fp8",
                     help="fp8: kijai scaled fp8; int8: per-channel int8_tensorwise comfy_quant (stock ComfyUI >= 0.27); "
                          "lightx2v_nvfp4: LightX2V's NVFP4, which stock ComfyUI cannot read, so stock loads the same "
-                         "weights in ComfyUI's own nvfp4")
+                         "weights in ComfyUI's own nvfp4; gguf: Q8_0 GGUF (city96's layout), stock = city96's loader")
     ap.add_argument("--child", nargs=3, metavar=("CASE", "FILE", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -277,13 +329,22 @@ def main(argv=None) -> int:
     if why:
         print(f"bench_load_comfy: skipped: {why}")
         return 0
+    if a.format == "gguf":
+        if "stock" in a.cases and not (a.city96 and Path(a.city96, "loader.py").is_file()):
+            print("bench_load_comfy: --format gguf compares with city96's loader: pass --city96 DIR (a ComfyUI-GGUF "
+                  "checkout) or leave `stock` out of --cases")
+            return 2
+        a.cases = [c for c in a.cases if c != "diffusers"]  # GGUF files carry native names only
+        if a.city96:
+            os.environ[CITY96_ENV] = str(Path(a.city96).resolve())
     folder = Path(a.dir)
     folder.mkdir(parents=True, exist_ok=True)
     print(f"{'size':>6} {'mode':<7} {'case':<13} {'wall s':>7} {'x stock':>7} {'peak priv MiB':>13} {'- stock':>8} "
           f"{'held MiB':>9} {'peak RSS MiB':>12} {'fds':>4}")
     for gib in a.sizes:
         stem = f"wan14b_{'scaled_fp8' if a.format == 'fp8' else a.format}_{gib:g}gib"
-        native = build(folder / f"{stem}.safetensors", gib, False, a.format)
+        native = build_gguf(folder / f"{stem}.gguf", gib) if a.format == "gguf" else \
+            build(folder / f"{stem}.safetensors", gib, False, a.format)
         files = {case: native for case in CASES}
         if "diffusers" in a.cases:
             files["diffusers"] = build(folder / f"{stem}_diffusers.safetensors", gib, True, a.format)

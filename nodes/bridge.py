@@ -116,11 +116,12 @@ def _build_patcher(model: CanonicalModel, path, base, policy, compute_dtype, nib
     import comfy.model_management as mm
     import comfy.sd
 
-    from .comfy_native import gate_model
+    from .comfy_native import gate_model, gate_own_ops
 
     gate_model(model.layers, path)  # ComfyUI-only algorithms this ComfyUI lacks: one error, before loading
+    if policy == NATIVE:
+        gate_own_ops(model.layers, path, NATIVE)
     keep, extras = split_extras(model)
-    has_fp4 = any(l.format == "fp4_g32" for l in model.layers.values())
     load_device = mm.get_torch_device()
 
     model_options: dict = {}
@@ -130,9 +131,6 @@ def _build_patcher(model: CanonicalModel, path, base, policy, compute_dtype, nib
 
         ops, plan = build_operations(policy, COMPUTE_DTYPES[compute_dtype], load_device)
         model_options["custom_operations"] = ops
-    elif has_fp4:
-        raise WanquantError("FP4 group-32 layers need wanquant's ops; choose an op policy other than "
-                            f"'{NATIVE}' (or convert the file with `wanquant convert --to ...`)", file=path)
 
     # Tensors that need no change are the file's own mapped pages (nothing is read here); only
     # layers that change (fused k/v, nibble swaps, re-typed scales) are materialised, one by one.

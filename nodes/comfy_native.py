@@ -14,6 +14,7 @@ import dataclasses
 
 import comfy.quant_ops
 
+from ..errors import WanquantError
 from ..loaders import comfy_algos
 
 
@@ -58,4 +59,17 @@ def gate_model(layers: dict, file: str) -> None:
             gate(layer.conf, {**layer.sides, **layer.others}, file=file, layer=name)
 
 
-__all__ = ["running_algos", "publish", "gate", "gate_model", "layout_name"]
+def gate_own_ops(layers: dict, file: str, policy: str) -> None:
+    """Op policy ``comfy_native`` hands every layer to ComfyUI's own loader, which raises a bare
+    ``KeyError`` on a format its ``QUANT_ALGOS`` lacks (FP4 group-32, GGUF, the row/block scale
+    grids; int8 before 0.27): one error naming the first such layer, before anything loads."""
+    algos = comfy.quant_ops.QUANT_ALGOS
+    for name, layer in layers.items():
+        if layer.quantized and not comfy_algos.layer_native(layer) and layer.format not in algos:
+            raise WanquantError(f"{layer.format} layers need wanquant's ops: choose an op policy other than "
+                                f"'{policy}' (or convert the file with `wanquant convert --to ...`)", file=file,
+                                layer=name, expected="a format this ComfyUI loads itself: " + ", ".join(sorted(algos)),
+                                found=layer.format)
+
+
+__all__ = ["running_algos", "publish", "gate", "gate_model", "gate_own_ops", "layout_name"]

@@ -9,8 +9,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" skipped="2" tests="3">
-<testcase classname="tests.comfy.test_loader_nodes" name="test_a[fp4_g32_diffusers-comfy_native]">
-<skipped type="pytest.skip" message="FP4 group-32 needs wanquant's ops by design">x</skipped></testcase>
+<testcase classname="tests.loaders.test_comfy_algos" name="test_a[asym_w4a8_int8-0.31.0]">
+<skipped type="pytest.skip" message="this comfy-kitchen has no AsymW4A8Int8Layout">x</skipped></testcase>
 <testcase classname="tests.comfy.test_frontend_load" name="test_b">
 <skipped type="pytest.skip" message="no chromium, chromium-browser or google-chrome on PATH">x</skipped></testcase>
 <testcase classname="tests.test_packaging" name="test_c"/>
@@ -32,7 +32,7 @@ def test_unlisted_skip_fails_and_listed_ones_pass(check, tmp_path, monkeypatch, 
     assert check.main(str(junit), str(REPO / ".ci" / "allowed-skips")) == 1
     out = capsys.readouterr()
     assert "NOT ALLOWED  tests.comfy.test_frontend_load::test_b: no chromium" in out.out
-    assert "allowed      tests.comfy.test_loader_nodes::test_a" in out.out
+    assert "allowed      tests.loaders.test_comfy_algos::test_a" in out.out
     monkeypatch.setenv("WANQUANT_CI_NO_CHROMIUM", "1")  # .ci/run sets it only where apt-get is missing
     assert check.main(str(junit), str(REPO / ".ci" / "allowed-skips")) == 0
 

@@ -12,10 +12,13 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from fixtures import SEEDS, TOLERANCE, build_seed, denoise as _denoise, loader_node, sampler_prompt, syn, tiny_wan
+
+from wanquant.errors import WanquantError
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
                                 reason="COMFYUI_PATH is not set; real-ComfyUI tests skipped")
@@ -30,9 +33,12 @@ def test_denoiser_matches_dequantized_reference(comfy_inprocess, tmp_path, kind,
 
     from wanquant.nodes.bridge import load_wan_model
 
-    if policy == "comfy_native" and kind == "fp4_g32_diffusers":
-        pytest.skip("FP4 group-32 needs wanquant's ops by design")
     path, base, ref = build_seed(kind, tmp_path)
+    if policy == "comfy_native" and kind == "fp4_g32_diffusers":  # ComfyUI has no FP4 group-32 layout
+        with pytest.raises(WanquantError) as e:
+            load_wan_model(str(path), str(base) if base else None, policy=policy)
+        assert e.value.found == "fp4_g32" and e.value.layer and "op policy other than 'comfy_native'" in str(e.value)
+        return
     with torch.inference_mode():
         res = load_wan_model(str(path), str(base) if base else None, policy=policy)
         ref_patcher = comfy.sd.load_diffusion_model_state_dict({k: v.float() for k, v in ref.items()},
@@ -42,6 +48,36 @@ def test_denoiser_matches_dequantized_reference(comfy_inprocess, tmp_path, kind,
     assert torch.isfinite(out).all()
     assert rel < TOLERANCE[kind], (kind, rel, res.text)
     assert "Wan" in res.text and "layers:" in res.text
+
+
+@pytest.mark.parametrize("kind", ["gguf", "fp8_row", "int8_block"])
+def test_comfy_native_policy_refuses_formats_comfyui_lacks_in_one_error(comfy_inprocess, tmp_path, kind):
+    """ComfyUI's own loader raises a bare KeyError on a comfy_quant format it does not know; with op
+    policy comfy_native the bridge says so first, naming the layer and the format."""
+    import importlib.util
+
+    from wanquant.loaders import synthetic_grid
+    from wanquant.nodes.bridge import load_wan_model
+
+    sd = tiny_wan(seed=8)
+    layers = [l for l in syn.quantizable_linears(sd) if l.startswith("blocks.")]
+    if kind == "gguf":
+        pytest.importorskip("gguf")
+        recipe_path = Path(__file__).resolve().parents[1] / "data" / "gguf" / "make_gguf.py"
+        spec = importlib.util.spec_from_file_location("make_gguf", recipe_path)
+        recipe = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(recipe)
+        path = tmp_path / "m.gguf"
+        recipe.write_wan_gguf(path, sd, {f"{l}.weight": "Q8_0" for l in layers})
+        want = "gguf_q8_0"
+    else:
+        path = syn.save(synthetic_grid.ctq(sd, kind, block=64, layers=layers), tmp_path / "m.safetensors")
+        want = {"fp8_row": "float8_e4m3fn_rowwise", "int8_block": "int8_blockwise"}[kind]
+    with pytest.raises(WanquantError) as e:
+        load_wan_model(str(path), policy="comfy_native")
+    assert e.value.found == want and e.value.layer in layers and e.value.file == str(path)
+    assert "op policy other than 'comfy_native'" in str(e.value)
+    assert load_wan_model(str(path)).patcher is not None  # the default policy loads the same file
 
 
 def test_partial_without_base_is_one_clear_error(comfy_inprocess, tmp_path):
