@@ -194,6 +194,8 @@ def quantized_parameter(q) -> torch.nn.Parameter:
     return p
 
 
+#: unquantized weight dtypes kept as the file has them (fp8 without scales is left to ComfyUI)
+DENSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: ComfyUI-loaded formats whose params field holds the file's ``weight_scale`` bytes as they are
 _COMFY_MAPPED_SCALES = {"nvfp4": "block_scale", "mxfp8": "scale"}
 
@@ -260,6 +262,10 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                                        unexpected_keys, error_msgs, conf, name)
                 else:
                     file_scale = state_dict.get(f"{prefix}weight_scale")
+                    file_weight = state_dict.get(f"{prefix}weight")
+                    keep_weight = conf is None and self._wq_keeps_file_dtype(file_weight)
+                    if keep_weight:  # ComfyUI would cast it to the model dtype: hand it an empty stand-in
+                        state_dict[f"{prefix}weight"] = file_weight[:0]
                     try:
                         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                                       missing_keys, unexpected_keys, error_msgs)
@@ -269,6 +275,8 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                                             found=str(fmt)) from exc
                     if fmt in _COMFY_MAPPED_SCALES and not native:
                         self._wq_keep_file_scale(fmt, file_scale)
+                    if keep_weight:
+                        self.weight = torch.nn.Parameter(file_weight, requires_grad=False)
                 shape = (self.out_features, self.in_features)
                 weight = getattr(self, "weight", None)
                 if native:
@@ -333,6 +341,21 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 params = ScaleGridLayout.Params(scale=scale, orig_dtype=self.factory_kwargs["dtype"] or torch.float32,
                                                 orig_shape=(self.out_features, self.in_features), fmt=fmt, block=block)
                 self.weight = quantized_parameter(QuantizedTensor(qdata, GRID_LAYOUT, params))
+
+            def _wq_keeps_file_dtype(self, file_weight) -> bool:
+                """Whether an unquantized weight stays the file's tensor: yes when its float dtype is
+                no wider than the model's. ComfyUI casts every weight to the activations' dtype per
+                forward anyway, and its load-time cast made each such layer a private copy (on the
+                CPU bf16 -> fp32 doubled them; GGUF files keep the text/time embeddings in F16,
+                which city96's loader does not copy). A wider file dtype (F32 on a bf16 model) is
+                still cast, so a layer never holds more than the model dtype would."""
+                model_dtype = self.factory_kwargs["dtype"]
+                device = torch.device(self.factory_kwargs["device"] or "cpu")
+                return (file_weight is not None and model_dtype is not None and file_weight.dtype in DENSE_DTYPES
+                        and file_weight.dtype != model_dtype
+                        and file_weight.element_size() <= torch.empty((), dtype=model_dtype).element_size()
+                        and file_weight.device == device
+                        and tuple(file_weight.shape) == (self.out_features, self.in_features))
 
             def _wq_keep_file_scale(self, fmt, file_scale):
                 """ComfyUI built this layer's params through ``nn.Parameter``, which cloned the block

@@ -155,3 +155,30 @@ def test_block_scales_of_comfyui_loaded_layers_stay_the_files_pages(comfy_inproc
         scales = params.block_scale if f == "nvfp4" else params.scale
         assert str(path) in _mapped_files(scales.data_ptr()), layer
         assert torch.equal(scales.reshape(-1).view(torch.uint8), q[f"{layer}.weight_scale"].reshape(-1).view(torch.uint8)), layer
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("file_dtype,compute,kept", [(torch.bfloat16, "fp32", True), (torch.float16, "bf16", True),
+                                                      (torch.float32, "bf16", False)])
+def test_unquantized_linears_stay_the_files_pages_unless_wider_than_the_model(comfy_inprocess, tmp_path,
+                                                                              file_dtype, compute, kept):
+    """ComfyUI casts plain Linear weights to the model dtype at load (a private copy of each: on the
+    CPU bf16 -> fp32 doubles them); the bridge keeps the file's tensor when its dtype is no wider,
+    since every weight is cast to the activations' dtype per forward anyway. Same output."""
+    import comfy.sd
+
+    from wanquant.nodes.bridge import load_wan_model
+
+    sd = {k: v.to(file_dtype) if v.is_floating_point() else v for k, v in tiny_wan(seed=9).items()}
+    path = syn.save(sd, tmp_path / "dense.safetensors")
+    res = load_wan_model(str(path), compute_dtype=compute)
+    layer = res.patcher.model.diffusion_model.get_submodule("text_embedding.0")
+    model_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[compute]
+    assert layer.weight.dtype == (file_dtype if kept else model_dtype)
+    assert (str(path) in _mapped_files(layer.weight.data_ptr())) == kept
+    stock = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": model_dtype})
+    stock_layer = stock.model.diffusion_model.get_submodule("text_embedding.0")
+    assert stock_layer.weight.dtype == model_dtype  # what stock ComfyUI holds instead
+    x = torch.randn(3, stock_layer.in_features, generator=torch.Generator().manual_seed(0)).to(model_dtype)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), stock_layer(x))
