@@ -106,6 +106,26 @@ def ref_scale_grid(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return q.double() * cell
 
 
+def mutation_outcome(path, dst, **convert_kw) -> str:
+    """What one fuzzed file does to the loader: "ok" (read, and converted to ``dst`` when it reports
+    no errors), "error" (exactly one one-line WanquantError), else the traceback (a finding)."""
+    import traceback
+
+    from wanquant.errors import WanquantError
+    from wanquant.loaders.canonical import load_canonical
+    from wanquant.loaders.convert import convert
+
+    try:
+        model = load_canonical(path, collect_errors=True)
+        if not model.report.errors:
+            convert(path, dst, **convert_kw)
+        return "ok"
+    except WanquantError as err:
+        return "error" if "\n" not in str(err) else f"multi-line WanquantError: {err!r}"
+    except Exception:  # noqa: BLE001 - the point of the fuzz tests
+        return traceback.format_exc(limit=-3)
+
+
 def mapped_files(ptr: int) -> list[str]:
     """Files whose mapping in this process contains address ``ptr`` (Linux ``/proc/self/maps``)."""
     out = []
