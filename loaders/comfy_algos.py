@@ -182,9 +182,7 @@ def classify(module: str, weight, sides: dict, others: dict, conf: dict, file: s
         raise _bad(module, file, f"comfy_quant MoE expert bank (ComfyUI >= {MOE_SINCE} MoEExperts); a Wan DiT has "
                    "no expert layers", "a Linear's comfy_quant", json.dumps(conf)[:200])
     a = ALGOS.get(key)
-    if a is None and key not in _RUNNING["algos"]:
-        raise unknown_error(conf, file=file, layer=module)
-    if a is not None and a.since is None and key not in _RUNNING["algos"]:
+    if key not in _RUNNING["algos"] and (a is None or a.since is None):  # in no release, and not this ComfyUI's
         raise unknown_error(conf, file=file, layer=module)
     if a is None:  # the running ComfyUI knows it; nothing here can check it: everything kept as is
         keep = {r: ref for r, ref in pool.items() if r != "bias"}

@@ -46,17 +46,19 @@ def layout_name(conf: dict) -> str:
     return entry.get("comfy_tensor_layout", f"layout for {conf.get('format')}")
 
 
-def gate(conf: dict, tensors=(), *, file: str | None = None, layer: str | None = None) -> None:
-    """Raise the one error for a ComfyUI-only layer this ComfyUI cannot load."""
-    if comfy_algos.algo_key(conf, tensors) not in running_algos():
+def gate(conf: dict, tensors, running: frozenset[str], *, file: str | None = None, layer: str | None = None) -> None:
+    """Raise the one error for a ComfyUI-only layer this ComfyUI cannot load (``running``: what
+    ``running_algos`` returned, read once per load rather than once per layer)."""
+    if comfy_algos.algo_key(conf, tensors) not in running:
         raise comfy_algos.unknown_error(conf, file=file, layer=layer, in_comfyui=True, tensors=tensors)
 
 
 def gate_model(layers: dict, file: str) -> None:
     """``gate`` every ComfyUI-only layer of a canonical model, first failure raised."""
+    running = running_algos()
     for name, layer in layers.items():
         if comfy_algos.layer_native(layer):
-            gate(layer.conf, {**layer.sides, **layer.others}, file=file, layer=name)
+            gate(layer.conf, {**layer.sides, **layer.others}, running, file=file, layer=name)
 
 
 def gate_own_ops(layers: dict, file: str, policy: str) -> None:

@@ -229,6 +229,7 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
         compute_dtype = default_compute_dtype(load_device)
     plan = OpsPlan(policy_option, load_device, compute_dtype)
     base = comfy.ops.mixed_precision_ops({}, compute_dtype, full_precision_mm=False, disabled=[])
+    running = comfy_native.running_algos()  # the comfy_quant algorithms this ComfyUI loads
 
     class WanquantOps(base):
         wanquant_plan = plan
@@ -250,7 +251,7 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 tensors = ("pre_quant_scale",) if f"{prefix}pre_quant_scale" in state_dict else ()
                 native = comfy_algos.native_only(conf, tensors)  # only ComfyUI's own layout runs it: handed over untouched
                 if native:
-                    comfy_native.gate(conf, tensors, layer=name)
+                    comfy_native.gate(conf, tensors, running, layer=name)
                 if fmt == "fp4_g32":
                     self._load_fp4_g32(state_dict, prefix, local_metadata, strict, missing_keys,
                                        unexpected_keys, error_msgs, conf, name)
@@ -353,7 +354,7 @@ def build_operations(policy_option: str = "auto", compute_dtype: torch.dtype | N
                 device = torch.device(self.factory_kwargs["device"] or "cpu")
                 return (file_weight is not None and model_dtype is not None and file_weight.dtype in DENSE_DTYPES
                         and file_weight.dtype != model_dtype
-                        and file_weight.element_size() <= torch.empty((), dtype=model_dtype).element_size()
+                        and file_weight.element_size() <= model_dtype.itemsize
                         and file_weight.device == device
                         and tuple(file_weight.shape) == (self.out_features, self.in_features))
 

@@ -195,7 +195,6 @@ class Vista4DWanModel(comfy.ldm.wan.model.WanModel):
         x = self.head(x, e)[:, :n]
         return self.unpatchify(x, grid)
 
-
     def _wq_blocks(self, x, e0, freqs, context, cam, transformer_options):
         """The block loop with ComfyUI's extension points, as ``WanModel.forward_orig`` offers
         them: a ``("double_block", i)`` replace patch gets the block as ``original_block`` (over
