@@ -84,6 +84,7 @@ class Report:
     nibble_order: str | None = None
     dequantized: list[str] = field(default_factory=list)  # quantized non-Linear layers, now fp32
     notes: list[str] = field(default_factory=list)
+    family_notes: list[str] = field(default_factory=list)  # those of ``notes`` the family added (overlay redoes it)
     total_bytes: int = 0
     base: "Report | None" = None
 
@@ -463,9 +464,8 @@ def _logical_shape(layer: Layer) -> tuple[int, int]:
 def _fill_family(report: Report, fam: Family) -> None:
     report.family, report.variant = fam.family, fam.variant
     report.extras, report.missing, report.needs_base = fam.extras, fam.missing, fam.needs_base
-    report.notes.extend(fam.notes)
-    if fam.needs:
-        report.notes.append(f"to run: {fam.needs}")
+    report.family_notes = list(fam.notes) + ([f"to run: {fam.needs}"] if fam.needs else [])
+    report.notes.extend(report.family_notes)
 
 
 def _family_shapes(entries: dict[str, Entry], layers: dict[str, Layer]) -> dict[str, tuple[int, ...]]:
@@ -596,9 +596,7 @@ def overlay(finetune: CanonicalModel, base: CanonicalModel) -> CanonicalModel:
     report.base = base.report
     n_over = len([k for k in finetune.entries if k in base.entries])
     metadata = finetune.source.metadata if finetune.source else None
-    own = recognise(_family_shapes(finetune.entries, finetune.layers), metadata)  # its family notes: redone below
-    own_notes = set(own.notes) | {f"to run: {own.needs}"}
-    report.notes = [n for n in fr.notes if n not in own_notes] + [f"overlaid on base {base.report.path}: {n_over} base tensors replaced, "
+    report.notes = [n for n in fr.notes if n not in fr.family_notes] + [f"overlaid on base {base.report.path}: {n_over} base tensors replaced, "
                                      f"{len(replaced_layers)} finetune layers"]
     fam = recognise(_family_shapes(entries, layers), metadata)
     _fill_family(report, fam)
