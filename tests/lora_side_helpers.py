@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fixtures import syn
+from wanquant.lora.keys import render_lora
 
 LAYER = "blocks.0.self_attn.q"
 
@@ -39,6 +40,22 @@ def lora_def(sd, seed, rank=8):
                         "down": torch.randn(rank, i, generator=g), "alpha": rank / 2}
     d[LAYER]["diff_b"] = torch.randn(sd[f"{LAYER}.weight"].shape[0], generator=g) * 0.02
     return d
+
+
+def ours_and_theirs(sd, tmp_path, seeds, style):
+    """Two LoRAs on every block Linear: ``ours`` saved as a ``style`` file for the node, ``theirs``
+    (without ``diff_b``) for ComfyUI's own loader (:func:`core_lora`)."""
+    ours, theirs = lora_def(sd, seeds[0]), lora_def(sd, seeds[1])
+    del theirs[LAYER]["diff_b"]
+    return ours, theirs, syn.save(render_lora(ours, style), tmp_path / "ours.safetensors")
+
+
+def core_lora(model, lora, strength):
+    """``model`` with ``lora`` (a :func:`lora_def`) through ComfyUI's own LoraLoader path."""
+    import comfy.sd
+
+    with torch.inference_mode():
+        return comfy.sd.load_lora_for_models(model, None, render_lora(lora, "comfy"), strength, 0.0)[0]
 
 
 def apply(model, path, strength, mode="on the fly"):

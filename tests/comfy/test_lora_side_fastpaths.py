@@ -33,7 +33,8 @@ import pytest
 import torch
 
 from fixtures import denoise, ref_scale_grid, syn, tiny_wan
-from lora_side_helpers import LAYER, CountKernels, apply as _apply, layer_out as _layer_out, lora_def as _lora_def
+from lora_side_helpers import (LAYER, CountKernels, apply as _apply, core_lora, layer_out as _layer_out,
+                               lora_def as _lora_def, ours_and_theirs)
 from wanquant.lora.keys import render_lora
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
@@ -312,16 +313,10 @@ def test_merge_mode_refuses_gguf_naming_layer_and_format(comfy_inprocess, tmp_pa
 def test_core_lora_loader_on_gguf_layers_plus_our_side_path(comfy_inprocess, tmp_path):
     """ComfyUI's own LoraLoader patches a GGUF layer (dequantize -> add; wanquant cannot re-quantize
     GGUF, so the patched weight stays dense) and our side path adds on top: exact to fp32."""
-    import comfy.sd
-
     sd, deq, base = _model(tmp_path, "gguf", seed=10)
-    ours, theirs = _lora_def(sd, 61), _lora_def(sd, 62)
-    del theirs[LAYER]["diff_b"]
-    f = syn.save(render_lora(ours, "comfy"), tmp_path / "ours.safetensors")
+    ours, theirs, f = ours_and_theirs(sd, tmp_path, (61, 62), "comfy")
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(6))
-    with torch.inference_mode():
-        core, _ = comfy.sd.load_lora_for_models(base, None, render_lora(theirs, "comfy"), 0.5, 0.0)
-    both, _ = _apply(core, f, 0.7)
+    both, _ = _apply(core_lora(base, theirs, 0.5), f, 0.7)
     y, _ = _layer_out(both, x)
     with torch.inference_mode():  # as ComfyUI does it (unpatching outside inference mode breaks any QuantizedTensor)
         both.unpatch_model()

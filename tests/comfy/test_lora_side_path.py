@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fixtures import syn, tiny_wan
-from lora_side_helpers import LAYER, apply as _apply, layer_out, lora_def as _lora_def
+from lora_side_helpers import LAYER, apply as _apply, core_lora, layer_out, lora_def as _lora_def, ours_and_theirs
 from wanquant.lora.keys import render_lora
 
 pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
@@ -173,22 +173,16 @@ def test_nvfp4_error_compensation_side_path_beats_merge(comfy_inprocess, tmp_pat
 def test_side_path_composes_with_comfyuis_own_lora_loader(comfy_inprocess, tmp_path):
     """Our side path + ComfyUI's LoraLoader (its own patches, merged into the fp8 weight at load) on
     one wanquant-loaded layer: the output is ComfyUI's patched layer plus exactly our delta."""
-    import comfy.sd
-
     sd, _, base = _fp8_model(tmp_path, seed=7)
-    ours, theirs = _lora_def(sd, 41), _lora_def(sd, 42)
-    del theirs[LAYER]["diff_b"]
-    f = syn.save(render_lora(ours, "peft"), tmp_path / "ours.safetensors")
+    ours, theirs, f = ours_and_theirs(sd, tmp_path, (41, 42), "peft")
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(4))
-    with torch.inference_mode():
-        comfy_only, _ = comfy.sd.load_lora_for_models(base, None, render_lora(theirs, "comfy"), 0.5, 0.0)
+    comfy_only = core_lora(base, theirs, 0.5)
     y_comfy, _ = layer_out(comfy_only, x)
     comfy_only.unpatch_model()
     for order in ("ours first", "comfy first"):
         if order == "ours first":
             fly, _ = _apply(base, f, 0.7)
-            with torch.inference_mode():
-                both, _ = comfy.sd.load_lora_for_models(fly, None, render_lora(theirs, "comfy"), 0.5, 0.0)
+            both = core_lora(fly, theirs, 0.5)
         else:
             both, _ = _apply(comfy_only, f, 0.7)
         y, _ = layer_out(both, x)
