@@ -168,6 +168,7 @@ def test_unquantized_linears_stay_the_files_pages_unless_wider_than_the_model(co
     import comfy.sd
 
     from wanquant.nodes.bridge import load_wan_model
+    from wanquant.ops.policy import dtype_name
 
     sd = {k: v.to(file_dtype) if v.is_floating_point() else v for k, v in tiny_wan(seed=9).items()}
     path = syn.save(sd, tmp_path / "dense.safetensors")
@@ -176,6 +177,9 @@ def test_unquantized_linears_stay_the_files_pages_unless_wider_than_the_model(co
     model_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[compute]
     assert layer.weight.dtype == (file_dtype if kept else model_dtype)
     assert (str(path) in _mapped_files(layer.weight.data_ptr())) == kept
+    held = file_dtype if kept else model_dtype  # the report names the dtype the layer really holds
+    assert res.patcher.model.wanquant_plan.layers["text_embedding.0"].dtype == held
+    assert res.patcher.model.wanquant_plan.summary().endswith(f"head and embeddings: {dtype_name(held)}")
     stock = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": model_dtype})
     stock_layer = stock.model.diffusion_model.get_submodule("text_embedding.0")
     assert stock_layer.weight.dtype == model_dtype  # what stock ComfyUI holds instead
